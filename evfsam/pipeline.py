@@ -1,0 +1,98 @@
+"""The eager PyTorch reference: upstream `inference.py` + `EvfSamModel.inference`, op for op.
+
+Pre- and post-processing here use torch (as upstream does); the numpy versions in
+`evfsam.processing` that the server runs are tested against these.  The mask decoder is called
+through segment-anything's own `MaskDecoder.forward` with upstream's text-prompt convention, so it is
+an independent check of the batched decoder graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .modeling.evf_sam import EvfSamModel
+from .processing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, resized_shape
+from .specs import BEIT3_IMAGE_SIZE, SAM_IMAGE_SIZE
+
+
+def torch_sam_view(rgb: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """upstream `sam_preprocess(model_type="ori")`."""
+    new_h, new_w = resized_shape(*rgb.shape[:2])
+    resized = np.array(Image.fromarray(rgb).resize((new_w, new_h), Image.BILINEAR))
+    x = torch.from_numpy(resized).permute(2, 0, 1).contiguous()
+    x = (x - torch.from_numpy(SAM_PIXEL_MEAN).view(-1, 1, 1)) / torch.from_numpy(SAM_PIXEL_STD).view(-1, 1, 1)
+    x = F.pad(x, (0, SAM_IMAGE_SIZE - new_w, 0, SAM_IMAGE_SIZE - new_h))
+    return x, (new_h, new_w)
+
+
+def torch_beit3_view(rgb: np.ndarray) -> torch.Tensor:
+    """upstream `beit3_preprocess`: ToTensor, Resize(224, BICUBIC, antialias=None), Normalize(0.5, 0.5)."""
+    x = torch.from_numpy(rgb.transpose(2, 0, 1).copy()).float().div(255)
+    x = F.interpolate(x[None], size=(BEIT3_IMAGE_SIZE, BEIT3_IMAGE_SIZE), mode="bicubic", align_corners=False)[0]
+    return (x - 0.5) / 0.5
+
+
+def torch_mask_logits(low_res: torch.Tensor, resized: Tuple[int, int], original: Tuple[int, int]) -> torch.Tensor:
+    """segment-anything `Sam.postprocess_masks` on [B,1,256,256]."""
+    masks = F.interpolate(low_res, (SAM_IMAGE_SIZE, SAM_IMAGE_SIZE), mode="bilinear", align_corners=False)
+    masks = masks[..., : resized[0], : resized[1]]
+    return F.interpolate(masks, original, mode="bilinear", align_corners=False)
+
+
+@dataclass
+class Segmentation:
+    mask: np.ndarray  # uint8 0/1 [H, W]
+    score: float  # the decoder's IoU prediction
+    logits: np.ndarray  # float32 [H, W] before the threshold
+
+
+class TorchPipeline:
+    """One image + one prompt -> mask, exactly as upstream's `inference.py` computes it."""
+
+    def __init__(self, model: EvfSamModel, tokenize: Callable[[str], List[int]], device="cpu", dtype=torch.float32):
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.tokenize = tokenize
+        self.device = device
+        self.dtype = dtype
+
+    @torch.inference_mode()
+    def image_embeddings(self, rgb: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        images, resized = torch_sam_view(rgb)
+        return self.model.encode_image(images[None].to(self.device, self.dtype)), resized
+
+    @torch.inference_mode()
+    def text_embeds(self, rgb: np.ndarray, prompt: str) -> torch.Tensor:
+        input_ids = torch.tensor([self.tokenize(prompt)], dtype=torch.long, device=self.device)
+        images_evf = torch_beit3_view(rgb)[None].to(self.device, self.dtype)
+        return self.model.encode_prompt(images_evf, input_ids, torch.ones_like(input_ids))
+
+    @torch.inference_mode()
+    def decode(self, image_embeddings: torch.Tensor, text_embeds: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        sam = self.model.visual_model
+        sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
+        sparse = torch.cat([sparse.to(text_embeds), text_embeds], dim=1)
+        return sam.mask_decoder(
+            image_embeddings=image_embeddings,
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense.to(text_embeds),
+            multimask_output=False,
+        )
+
+    def __call__(self, rgb: np.ndarray, prompt: str) -> Segmentation:
+        return self.segment_many(rgb, [prompt])[0]
+
+    @torch.inference_mode()
+    def segment_many(self, rgb: np.ndarray, prompts: Sequence[str]) -> List[Segmentation]:
+        embeddings, resized = self.image_embeddings(rgb)
+        results = []
+        for prompt in prompts:
+            low_res, iou = self.decode(embeddings, self.text_embeds(rgb, prompt))
+            logits = torch_mask_logits(low_res.float(), resized, rgb.shape[:2])[0, 0].cpu().numpy()
+            results.append(Segmentation((logits > 0).astype(np.uint8), float(iou[0, 0]), logits))
+        return results

@@ -1,0 +1,1 @@
+"""Export EVF-SAM into three graphs (ONNX, then TensorRT plans); see `python -m export --help`."""
