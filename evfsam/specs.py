@@ -197,3 +197,32 @@ PROMPT_MASK_DECODER = GraphSpec(
 GRAPHS: Tuple[GraphSpec, ...] = (SAM_IMAGE_ENCODER, BEIT3_FUSION_ENCODER, PROMPT_MASK_DECODER)
 GRAPHS_BY_NAME: Dict[str, GraphSpec] = {g.name: g for g in GRAPHS}
 TOKENIZER_FILE = "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class ServedModelSpec:
+    """The client-facing contract of a served (ensemble) model; batch is one image per request."""
+
+    name: str
+    inputs: Tuple[TensorSpec, ...]
+    outputs: Tuple[TensorSpec, ...]
+    max_batch_size: int = 1
+
+    def input(self, name: str) -> TensorSpec:
+        return _by_name(self.inputs, name, self.name)
+
+    def output(self, name: str) -> TensorSpec:
+        return _by_name(self.outputs, name, self.name)
+
+
+HEIGHT = "height"
+WIDTH = "width"
+PROMPTS = "prompts"
+
+# image: the encoded file's bytes (JPEG, PNG, ...); prompt: UTF-8 text.
+# mask: uint8 0/1 at the original image size; score: the mask decoder's IoU prediction.
+EVF_SAM = ServedModelSpec(
+    name="evf_sam",
+    inputs=(TensorSpec("image", "object", (BATCH, 1)), TensorSpec("prompt", "object", (BATCH, 1))),
+    outputs=(TensorSpec("mask", "uint8", (BATCH, HEIGHT, WIDTH)), TensorSpec("score", "float32", (BATCH, 1))),
+)
