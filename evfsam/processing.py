@@ -111,37 +111,44 @@ def binary_mask(low_res: np.ndarray, resized: Tuple[int, int], original: Tuple[i
     return (mask_logits(low_res, resized, original) > 0).astype(np.uint8)
 
 
+def _source_coordinates(in_size: int, out_size: int) -> np.ndarray:
+    """Half-pixel source coordinates computed in float32, as torch's CPU kernels do."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    return scale * (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5)
+
+
 @lru_cache(maxsize=64)
 def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     """[out, in] weights of torch's linear interpolation (align_corners=False, no antialias)."""
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    src = np.maximum(_source_coordinates(in_size, out_size), np.float32(0))
     lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     hi = np.minimum(lo + 1, in_size - 1)
-    frac = src - lo
-    weights = np.zeros((out_size, in_size), dtype=np.float64)
-    np.add.at(weights, (np.arange(out_size), lo), 1.0 - frac)
+    frac = np.clip(src - lo.astype(np.float32), 0, 1)
+    weights = np.zeros((out_size, in_size), dtype=np.float32)
+    np.add.at(weights, (np.arange(out_size), lo), np.float32(1) - frac)
     np.add.at(weights, (np.arange(out_size), hi), frac)
-    return weights.astype(np.float32)
+    return weights
 
 
 @lru_cache(maxsize=64)
 def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
     """[out, in] weights of torch's bicubic interpolation (align_corners=False, no antialias)."""
-    scale = in_size / out_size
-    src = (np.arange(out_size) + 0.5) * scale - 0.5
+    src = _source_coordinates(in_size, out_size)
     base = np.floor(src).astype(np.int64)
-    t = src - base
-    taps = (_cubic_far(t + 1.0), _cubic_near(t), _cubic_near(1.0 - t), _cubic_far(2.0 - t))
-    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    t = np.clip(src - base.astype(np.float32), 0, 1)
+    one, two = np.float32(1), np.float32(2)
+    taps = (_cubic_far(t + one), _cubic_near(t), _cubic_near(one - t), _cubic_far(two - t))
+    weights = np.zeros((out_size, in_size), dtype=np.float32)
     for offset, tap in zip((-1, 0, 1, 2), taps):
         np.add.at(weights, (np.arange(out_size), np.clip(base + offset, 0, in_size - 1)), tap)
-    return weights.astype(np.float32)
+    return weights
 
 
 def _cubic_near(x: np.ndarray) -> np.ndarray:  # |x| <= 1
-    return ((CUBIC_A + 2) * x - (CUBIC_A + 3)) * x * x + 1
+    a = np.float32(CUBIC_A)
+    return ((a + 2) * x - (a + 3)) * x * x + 1
 
 
 def _cubic_far(x: np.ndarray) -> np.ndarray:  # 1 < |x| < 2
-    return ((CUBIC_A * x - 5 * CUBIC_A) * x + 8 * CUBIC_A) * x - 4 * CUBIC_A
+    a = np.float32(CUBIC_A)
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a

@@ -226,3 +226,7 @@ EVF_SAM = ServedModelSpec(
     inputs=(TensorSpec("image", "object", (BATCH, 1)), TensorSpec("prompt", "object", (BATCH, 1))),
     outputs=(TensorSpec("mask", "uint8", (BATCH, HEIGHT, WIDTH)), TensorSpec("score", "float32", (BATCH, 1))),
 )
+
+# Tensors the pre/post-processing models pass along inside the ensemble, besides the graphs' own.
+ORIGINAL_SIZE = TensorSpec("original_size", "int64", (BATCH, 2))  # (H, W) of the decoded image
+RESIZED_SIZE = TensorSpec("resized_size", "int64", (BATCH, 2))  # (h, w) inside the 1024 SAM view

@@ -84,19 +84,39 @@ def random_state_dict(config: EvfSamConfig, seed: int) -> Dict[str, torch.Tensor
     """Every tensor random (zero-initialised ones too), scaled so activations stay O(1)."""
     torch.manual_seed(seed)
     model = build_evf_sam(config)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.endswith("positional_encoding_gaussian_matrix"):
-            state[name] = tensor.clone()
-        elif tensor.dim() <= 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
-            state[name] = 1.0 + 0.1 * torch.randn_like(tensor)
-        elif tensor.dim() <= 1:
-            state[name] = 0.02 * torch.randn_like(tensor)
-        elif name.endswith(("pos_embed", "rel_pos_h", "rel_pos_w", "cls_token", "mask_token")) or "embed" in name:
-            state[name] = 0.2 * torch.randn_like(tensor)
-        else:
-            state[name] = tensor.clone()  # PyTorch's default fan-in init
-    return state
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name.endswith("positional_encoding_gaussian_matrix"):
+                continue  # SAM draws it at construction; keep it
+            if tensor.dim() <= 1 and ("norm" in name or "ln" in name) and name.endswith("weight"):
+                tensor.copy_(1.0 + 0.1 * torch.randn_like(tensor))
+            elif tensor.dim() <= 1:
+                tensor.copy_(0.02 * torch.randn_like(tensor))
+            elif name.endswith(("pos_embed", "rel_pos_h", "rel_pos_w", "cls_token", "mask_token")) or "embed" in name:
+                tensor.copy_(0.2 * torch.randn_like(tensor))
+        _spread_mask_logits(model)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _spread_mask_logits(model) -> None:
+    """Make random masks informative: logits of both signs, O(1), that depend on the prompt.
+
+    With default init the mask logits are ~1e-3 and all of one sign (the upscaled features pass a
+    GELU, so their mean dominates), which would make every mask all-ones.  The hypernetwork output is
+    projected off the mean feature direction and scaled up, and the prompt projection is amplified.
+    """
+    decoder = model.visual_model.mask_decoder
+    model.text_hidden_fcs[0][2].weight.mul_(30)
+    features = []
+    hook = decoder.output_upscaling.register_forward_hook(lambda _m, _i, out: features.append(out))
+    model.decode_masks(torch.randn(2, 256, 64, 64), torch.randn(2, 1, 256))
+    hook.remove()
+    mean = features[0].mean(dim=(0, 2, 3))
+    mean = mean / mean.norm()
+    projection = torch.eye(len(mean)) - torch.outer(mean, mean)
+    for mlp in decoder.output_hypernetworks_mlps:
+        mlp.layers[-1].weight.copy_(projection @ mlp.layers[-1].weight * 1000)
+        mlp.layers[-1].bias.copy_(projection @ mlp.layers[-1].bias)
 
 
 def write_tiny_checkpoint(

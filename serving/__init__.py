@@ -1,0 +1,1 @@
+"""Triton deployment: model repository generation and the tritonserver launcher."""

@@ -1,0 +1,206 @@
+"""Start the real tritonserver from the `nvidia-pytriton` wheel on a model repository.
+
+    python -m serving.server --repository build/model_repository [--http-port 8000 ...]
+
+Runs in the foreground until SIGTERM / SIGINT, which it passes to tritonserver (Triton then stops
+taking requests and finishes the ones in flight).  The recipe (python-backend stub copied next to
+the backend, the running Python's LIBDIR first on LD_LIBRARY_PATH) is in ../shared/triton-on-cpu.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+@dataclass
+class TritonInstall:
+    binary: Path
+    backends: Path
+    stub: Path
+    libs: Path
+
+    @classmethod
+    def find(cls) -> "TritonInstall":
+        try:
+            import pytriton
+        except ImportError as exc:
+            raise ServerError("nvidia-pytriton is not installed (pip install nvidia-pytriton==0.7.0)") from exc
+        root = Path(pytriton.__file__).resolve().parent / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        install = cls(
+            binary=root / "bin" / "tritonserver",
+            backends=root / "backends",
+            stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+            libs=root.parent.parent / "nvidia_pytriton.libs",
+        )
+        for path in (install.binary, install.backends, install.stub, install.libs):
+            if not path.exists():
+                raise ServerError(f"incomplete tritonserver install: {path} is missing")
+        return install
+
+    def backend_directory(self, work_dir: Path) -> Path:
+        """The wheel's backends with the python-backend stub for this interpreter put beside it."""
+        target = work_dir / "backends"
+        if not target.exists():
+            shutil.copytree(self.backends, target)
+            shutil.copy2(self.stub, target / "python" / "triton_python_backend_stub")
+        return target
+
+    def environment(self) -> dict:
+        env = dict(os.environ)
+        libdir = sysconfig.get_config_var("LIBDIR")
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(self.libs), env.get("LD_LIBRARY_PATH")) if p)
+        return env
+
+
+@dataclass
+class TritonServer:
+    repository: Path
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    address: str = "127.0.0.1"
+    log_file: Optional[Path] = None
+    extra_args: List[str] = field(default_factory=list)
+    process: Optional[subprocess.Popen] = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.address}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.address}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.address}:{self.metrics_port}/metrics"
+
+    def command(self, install: TritonInstall, backend_dir: Path) -> List[str]:
+        return [
+            str(install.binary),
+            f"--model-repository={self.repository}",
+            f"--backend-directory={backend_dir}",
+            "--model-control-mode=none",
+            f"--http-address={self.address}",
+            f"--http-port={self.http_port}",
+            f"--grpc-address={self.address}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.address}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-gpu-metrics=false",
+            "--exit-timeout-secs=60",
+            "--log-verbose=0",
+            *self.extra_args,
+        ]
+
+    def start(self, work_dir: Optional[Path] = None) -> "TritonServer":
+        install = TritonInstall.find()
+        self._work_dir = Path(work_dir or tempfile.mkdtemp(prefix="evfsam-triton-"))
+        backend_dir = install.backend_directory(self._work_dir)
+        output = open(self.log_file, "ab") if self.log_file else None
+        # cwd outside the source tree: the repository's python models must import their own copies
+        self.process = subprocess.Popen(
+            self.command(install, backend_dir), env=install.environment(), cwd=self._work_dir,
+            stdout=output, stderr=subprocess.STDOUT if output else None,
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.time() + timeout
+        url = f"http://{self.http_url}/v2/health/ready"
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.process.returncode} before becoming ready"
+                                  + (f"; see {self.log_file}" if self.log_file else ""))
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s")
+
+    def stop(self, timeout: float = 90.0) -> int:
+        """SIGTERM (Triton drains in-flight requests), then SIGKILL if it does not exit in time."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.server", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, default=Path("build/model_repository"))
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--address", default="127.0.0.1", help="bind address (default loopback only)")
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    if not (args.repository / "evf_sam" / "config.pbtxt").is_file():
+        print(f"error: {args.repository} has no evf_sam model; run `make repository` first", file=sys.stderr)
+        return 2
+    server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port, args.address)
+    stopping = []
+
+    def forward(signum, _frame):
+        stopping.append(signum)
+        if server.process and server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    server.start()
+    try:
+        server.wait_ready(args.ready_timeout)
+    except ServerError as exc:
+        if not stopping:
+            print(f"error: {exc}", file=sys.stderr)
+            server.stop()
+            return 1
+    if not stopping:
+        print(f"\nEVF-SAM is being served: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}\n"
+              f"  python -m clients.segment --url {server.grpc_url} --protocol grpc --image IMAGE --prompt 'zebra top left'\n"
+              f"  curl -s http://{server.http_url}/v2/models/evf_sam\n"
+              "Stop with Ctrl-C (or SIGTERM): requests in flight are finished first.", flush=True)
+    code = server.process.wait()
+    return 0 if stopping else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
