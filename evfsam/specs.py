@@ -230,3 +230,8 @@ EVF_SAM = ServedModelSpec(
 # Tensors the pre/post-processing models pass along inside the ensemble, besides the graphs' own.
 ORIGINAL_SIZE = TensorSpec("original_size", "int64", (BATCH, 2))  # (H, W) of the decoded image
 RESIZED_SIZE = TensorSpec("resized_size", "int64", (BATCH, 2))  # (h, w) inside the 1024 SAM view
+
+# Prometheus counters the pipeline's python models publish on Triton's metrics port.  In flight =
+# started - finished; the launcher drains on it before stopping Triton (see serving/server.py).
+PIPELINE_STARTED_METRIC = "evf_sam_pipeline_requests_started"
+PIPELINE_FINISHED_METRIC = "evf_sam_pipeline_requests_finished"

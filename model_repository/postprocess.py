@@ -5,7 +5,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from evfsam.processing import binary_mask
-from evfsam.specs import EVF_SAM, ORIGINAL_SIZE, PROMPT_MASK_DECODER, RESIZED_SIZE
+from evfsam.specs import EVF_SAM, ORIGINAL_SIZE, PIPELINE_FINISHED_METRIC, PROMPT_MASK_DECODER, RESIZED_SIZE
 
 LOW_RES_MASKS, IOU_PREDICTIONS = PROMPT_MASK_DECODER.output_names
 MASK, SCORE = (t.name for t in EVF_SAM.outputs)
@@ -14,9 +14,16 @@ MASK, SCORE = (t.name for t in EVF_SAM.outputs)
 class TritonPythonModel:
     def initialize(self, args):
         self.config = json.loads(args["model_config"])
+        # Triton invalidates a Metric whose MetricFamily is garbage collected: keep both.
+        self.metric_family = pb_utils.MetricFamily(
+            name=PIPELINE_FINISHED_METRIC, description="requests that left the evf_sam pipeline",
+            kind=pb_utils.MetricFamily.COUNTER)
+        self.finished = self.metric_family.Metric(labels={"model": EVF_SAM.name})
 
     def execute(self, requests):
-        return [self._respond(request) for request in requests]
+        responses = [self._respond(request) for request in requests]
+        self.finished.increment(len(requests))
+        return responses
 
     def _respond(self, request):
         try:

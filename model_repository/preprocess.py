@@ -10,7 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from evfsam.processing import ImageLimits, InvalidImage, beit3_view, decode_image, sam_view
-from evfsam.specs import EVF_SAM, ORIGINAL_SIZE, RESIZED_SIZE
+from evfsam.specs import EVF_SAM, ORIGINAL_SIZE, PIPELINE_FINISHED_METRIC, PIPELINE_STARTED_METRIC, RESIZED_SIZE
 from evfsam.tokenization import InvalidPrompt, PromptTokenizer, decode_prompt, pad_batch
 
 IMAGE, PROMPT = (t.name for t in EVF_SAM.inputs)
@@ -29,16 +29,27 @@ class TritonPythonModel:
         self.limits = ImageLimits(int(params["max_image_bytes"]), int(params["max_image_pixels"]))
         self.output_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
         self.logger = pb_utils.Logger
+        # Triton invalidates a Metric whose MetricFamily is garbage collected: keep both.
+        self.metric_families = [
+            pb_utils.MetricFamily(name=PIPELINE_STARTED_METRIC, description="requests that entered the evf_sam pipeline",
+                                  kind=pb_utils.MetricFamily.COUNTER),
+            pb_utils.MetricFamily(name=PIPELINE_FINISHED_METRIC, description="requests that left the evf_sam pipeline",
+                                  kind=pb_utils.MetricFamily.COUNTER),
+        ]
+        self.started, self.finished = (f.Metric(labels={"model": EVF_SAM.name}) for f in self.metric_families)
 
     def execute(self, requests):
         return [self._respond(request) for request in requests]
 
     def _respond(self, request):
+        self.started.increment(1)
         try:
             outputs = self._preprocess(request)
         except (InvalidImage, InvalidPrompt, InvalidRequest) as exc:
+            self.finished.increment(1)
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
         except Exception as exc:  # never leak a traceback or a path to the client
+            self.finished.increment(1)
             self.logger.log_error(f"preprocess failed: {type(exc).__name__}: {exc}")
             return pb_utils.InferenceResponse(error=pb_utils.TritonError("internal error while preprocessing"))
         tensors = [pb_utils.Tensor(name, value.astype(self.output_dtypes[name])) for name, value in outputs.items()]

@@ -2,8 +2,10 @@
 
     python -m serving.server --repository build/model_repository [--http-port 8000 ...]
 
-Runs in the foreground until SIGTERM / SIGINT, which it passes to tritonserver (Triton then stops
-taking requests and finishes the ones in flight).  The recipe (python-backend stub copied next to
+Runs in the foreground until SIGTERM / SIGINT.  Then it drains first: it waits (up to
+--drain-timeout) until no request is inside the evf_sam pipeline, and only then sends SIGTERM to
+tritonserver.  Triton 2.51 alone would refuse the later ensemble steps of requests already in flight
+("Server is stopping"), failing them.  The recipe (python-backend stub copied next to
 the backend, the running Python's LIBDIR first on LD_LIBRARY_PATH) is in ../shared/triton-on-cpu.md.
 """
 from __future__ import annotations
@@ -22,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
+
+from evfsam.specs import PIPELINE_FINISHED_METRIC, PIPELINE_STARTED_METRIC
 
 
 class ServerError(RuntimeError):
@@ -119,6 +123,7 @@ class TritonServer:
         self.process = subprocess.Popen(
             self.command(install, backend_dir), env=install.environment(), cwd=self._work_dir,
             stdout=output, stderr=subprocess.STDOUT if output else None,
+            start_new_session=True,  # a terminal's Ctrl-C reaches only us; we drain, then stop Triton
         )
         return self
 
@@ -138,10 +143,36 @@ class TritonServer:
             time.sleep(0.5)
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s")
 
-    def stop(self, timeout: float = 90.0) -> int:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL if it does not exit in time."""
+    def requests_in_flight(self) -> int:
+        """Requests inside the pipeline (started - finished) plus those queued at any model."""
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            text = response.read().decode()
+        totals = {PIPELINE_STARTED_METRIC: 0.0, PIPELINE_FINISHED_METRIC: 0.0, "nv_inference_pending_request_count": 0.0}
+        for line in text.splitlines():
+            name = line.split("{", 1)[0].split(" ", 1)[0]
+            if name in totals:
+                totals[name] += float(line.rsplit(" ", 1)[1])
+        return int(totals[PIPELINE_STARTED_METRIC] - totals[PIPELINE_FINISHED_METRIC]
+                   + totals["nv_inference_pending_request_count"])
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until nothing is in flight (seen twice in a row); False if `timeout` passes first."""
+        deadline, idle_polls = time.time() + timeout, 0
+        while time.time() < deadline and self.process.poll() is None:
+            try:
+                idle_polls = idle_polls + 1 if self.requests_in_flight() == 0 else 0
+            except (OSError, ValueError):
+                return False
+            if idle_polls >= 2:
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self, timeout: float = 90.0, drain_timeout: float = 60.0) -> int:
+        """Drain, then SIGTERM; SIGKILL if tritonserver does not exit within `timeout`."""
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else 0
+        self.drain(drain_timeout)
         self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout)
@@ -171,35 +202,47 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--address", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--drain-timeout", type=float, default=60.0)
     args = parser.parse_args(argv)
     if not (args.repository / "evf_sam" / "config.pbtxt").is_file():
         print(f"error: {args.repository} has no evf_sam model; run `make repository` first", file=sys.stderr)
         return 2
     server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port, args.address)
-    stopping = []
-
-    def forward(signum, _frame):
-        stopping.append(signum)
-        if server.process and server.process.poll() is None:
-            server.process.send_signal(signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    stop_requested = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stop_requested.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: stop_requested.append(signum))
     server.start()
     try:
-        server.wait_ready(args.ready_timeout)
+        _wait_ready_unless_stopped(server, args.ready_timeout, stop_requested)
     except ServerError as exc:
-        if not stopping:
-            print(f"error: {exc}", file=sys.stderr)
-            server.stop()
-            return 1
-    if not stopping:
+        print(f"error: {exc}", file=sys.stderr)
+        server.stop(drain_timeout=0)
+        return 1
+    if not stop_requested:
         print(f"\nEVF-SAM is being served: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}\n"
               f"  python -m clients.segment --url {server.grpc_url} --protocol grpc --image IMAGE --prompt 'zebra top left'\n"
               f"  curl -s http://{server.http_url}/v2/models/evf_sam\n"
               "Stop with Ctrl-C (or SIGTERM): requests in flight are finished first.", flush=True)
-    code = server.process.wait()
-    return 0 if stopping else code
+    while server.process.poll() is None and not stop_requested:
+        time.sleep(0.2)
+    if not stop_requested:
+        print(f"error: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
+        return server.process.returncode or 1
+    print("stopping: finishing requests in flight ...", flush=True)
+    code = server.stop(drain_timeout=args.drain_timeout)
+    print(f"tritonserver stopped (exit code {code})", flush=True)
+    return 0 if code == 0 else 1
+
+
+def _wait_ready_unless_stopped(server: TritonServer, timeout: float, stop_requested: list) -> None:
+    deadline = time.time() + timeout
+    while not stop_requested:
+        try:
+            server.wait_ready(timeout=min(5.0, max(0.1, deadline - time.time())))
+            return
+        except ServerError:
+            if time.time() >= deadline or server.process.poll() is not None:
+                raise
 
 
 if __name__ == "__main__":
