@@ -70,6 +70,10 @@ class TritonInstall:
         env = dict(os.environ)
         libdir = sysconfig.get_config_var("LIBDIR")
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(self.libs), env.get("LD_LIBRARY_PATH")) if p)
+        # The python-backend stub embeds an interpreter that finds its prefix through `python3` on
+        # PATH (it ignores PYTHONPATH): put this interpreter's bin first so a virtual environment's
+        # packages are the ones the models import.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env
 
 
@@ -99,7 +103,7 @@ class TritonServer:
     def command(self, install: TritonInstall, backend_dir: Path) -> List[str]:
         return [
             str(install.binary),
-            f"--model-repository={self.repository}",
+            f"--model-repository={Path(self.repository).resolve()}",
             f"--backend-directory={backend_dir}",
             "--model-control-mode=none",
             f"--http-address={self.address}",
