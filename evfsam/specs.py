@@ -36,6 +36,7 @@ class TensorSpec:
     name: str
     dtype: str  # numpy dtype name
     shape: Tuple[Dim, ...]  # ints are fixed; strings name a dynamic axis
+    optional: bool = False  # a request may leave this input out
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -52,9 +53,10 @@ class TensorSpec:
         return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
 
     def triton_dims(self) -> Tuple[int, ...]:
-        """Dims without the leading batch axis, dynamic ones as -1 (Triton config convention)."""
-        assert self.shape[0] == BATCH, f"{self.name}: first axis must be the batch axis"
-        return tuple(-1 if isinstance(d, str) else d for d in self.shape[1:])
+        """Config dims, dynamic ones as -1: without the leading batch axis when there is one
+        (a model with max_batch_size > 0), the full shape otherwise."""
+        dims = self.shape[1:] if self.shape and self.shape[0] == BATCH else self.shape
+        return tuple(-1 if isinstance(d, str) else d for d in dims)
 
 
 BATCH = "batch"
@@ -235,3 +237,28 @@ RESIZED_SIZE = TensorSpec("resized_size", "int64", (BATCH, 2))  # (h, w) inside 
 # started - finished; the launcher drains on it before stopping Triton (see serving/server.py).
 PIPELINE_STARTED_METRIC = "evf_sam_pipeline_requests_started"
 PIPELINE_FINISHED_METRIC = "evf_sam_pipeline_requests_finished"
+
+# Encode once, prompt many: one image (or the key of one sent before) and N prompts -> N masks.
+# Image embeddings are cached across requests under image_key = sha256(image bytes), hex.
+EVF_SAM_PROMPTS = ServedModelSpec(
+    name="evf_sam_prompts",
+    inputs=(
+        TensorSpec("image", "object", (1,), optional=True),
+        TensorSpec("image_key", "object", (1,), optional=True),
+        TensorSpec("prompts", "object", (PROMPTS,)),
+    ),
+    outputs=(
+        TensorSpec("masks", "uint8", (PROMPTS, HEIGHT, WIDTH)),
+        TensorSpec("scores", "float32", (PROMPTS,)),
+        TensorSpec("image_key", "object", (1,)),
+    ),
+    max_batch_size=0,
+)
+MAX_PROMPTS_PER_REQUEST = 64
+CACHE_METRICS = {
+    "hits": "evf_sam_embedding_cache_hits",
+    "misses": "evf_sam_embedding_cache_misses",
+    "evictions": "evf_sam_embedding_cache_evictions",
+}
+CACHE_BYTES_METRIC = "evf_sam_embedding_cache_bytes"
+CACHE_ENTRIES_METRIC = "evf_sam_embedding_cache_entries"

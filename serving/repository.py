@@ -25,6 +25,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 from evfsam.specs import (
     BATCH,
     EVF_SAM,
+    EVF_SAM_PROMPTS,
     GRAPHS,
     MAX_TEXT_TOKENS,
     ORIGINAL_SIZE,
@@ -44,7 +45,7 @@ PREPROCESS = "preprocess"
 POSTPROCESS = "postprocess"
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "model_repository"
 # Light, torch-free modules the python-backend models import; copied so the repository stands alone.
-SERVING_MODULES = ("__init__.py", "specs.py", "processing.py", "tokenization.py")
+SERVING_MODULES = ("__init__.py", "specs.py", "processing.py", "tokenization.py", "embedding_cache.py")
 EVFSAM_DIR = Path(__file__).resolve().parent.parent / "evfsam"
 
 PREPROCESS_OUTPUTS = tuple(t for g in (SAM_IMAGE_ENCODER, BEIT3_FUSION_ENCODER) for t in g.inputs) + (
@@ -66,11 +67,15 @@ class RepositoryOptions:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_text_tokens: int = MAX_TEXT_TOKENS
+    cache_bytes: int = 512 * 1024**2  # evf_sam_prompts' image-embedding cache (~4.6 MB per image)
     warmup: bool = True
 
 
 def io_entry(tensor: TensorSpec) -> Dict:
-    return {"name": tensor.name, "data_type": Enum(tensor.triton_dtype), "dims": list(tensor.triton_dims())}
+    entry = {"name": tensor.name, "data_type": Enum(tensor.triton_dtype), "dims": list(tensor.triton_dims())}
+    if tensor.optional:
+        entry["optional"] = True
+    return entry
 
 
 def parameters(values: Mapping[str, object]) -> List[Dict]:
@@ -214,18 +219,39 @@ def write_repository(output: Path, onnx_dir: Path, opts: RepositoryOptions = Rep
         elif opts.flavor == "onnxruntime":
             install_onnx(onnx_dir, spec, version_dir, "model.onnx")
         # tensorrt: model.plan is written into version_dir by `python -m export.tensorrt_build`
-    pre_dir = write_model(output, python_config(PREPROCESS, EVF_SAM.inputs, PREPROCESS_OUTPUTS, opts, {
-        "tokenizer_file": TOKENIZER_FILE,
-        "max_text_tokens": opts.max_text_tokens,
-        "max_image_bytes": opts.max_image_bytes,
-        "max_image_pixels": opts.max_image_pixels,
-    }))
+    pre_dir = write_model(output, python_config(PREPROCESS, EVF_SAM.inputs, PREPROCESS_OUTPUTS, opts,
+                                                preprocess_parameters(opts)))
     install_python_model(pre_dir, "preprocess.py")
     shutil.copyfile(onnx_dir / TOKENIZER_FILE, pre_dir / TOKENIZER_FILE)
     post_dir = write_model(output, python_config(POSTPROCESS, POSTPROCESS_INPUTS, EVF_SAM.outputs, opts))
     install_python_model(post_dir, "postprocess.py")
     write_model(output, ensemble_config())
+    prompts_dir = write_model(output, prompts_config(opts))
+    install_python_model(prompts_dir, "prompts.py")
+    shutil.copyfile(onnx_dir / TOKENIZER_FILE, prompts_dir / TOKENIZER_FILE)
     return output
+
+
+def preprocess_parameters(opts: RepositoryOptions) -> Dict[str, object]:
+    return {
+        "tokenizer_file": TOKENIZER_FILE,
+        "max_text_tokens": opts.max_text_tokens,
+        "max_image_bytes": opts.max_image_bytes,
+        "max_image_pixels": opts.max_image_pixels,
+    }
+
+
+def prompts_config(opts: RepositoryOptions) -> Dict:
+    """`evf_sam_prompts`: one instance, so one cache serves every request (requests run in turn)."""
+    return {
+        "name": EVF_SAM_PROMPTS.name,
+        "backend": "python",
+        "max_batch_size": EVF_SAM_PROMPTS.max_batch_size,
+        "input": [io_entry(t) for t in EVF_SAM_PROMPTS.inputs],
+        "output": [io_entry(t) for t in EVF_SAM_PROMPTS.outputs],
+        "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
+        "parameters": parameters({**preprocess_parameters(opts), "cache_bytes": opts.cache_bytes}),
+    }
 
 
 def main(argv=None) -> None:
@@ -239,11 +265,13 @@ def main(argv=None) -> None:
     parser.add_argument("--python-instances", type=int, default=2)
     parser.add_argument("--ort-threads", type=int, default=0)
     parser.add_argument("--max-queue-size", type=int, default=64)
+    parser.add_argument("--cache-mib", type=int, default=512, help="evf_sam_prompts image-embedding cache budget")
     parser.add_argument("--no-warmup", action="store_true")
     args = parser.parse_args(argv)
     opts = RepositoryOptions(flavor=args.flavor, device=args.device, engine_instances=args.engine_instances,
                              python_instances=args.python_instances, ort_threads=args.ort_threads,
-                             max_queue_size=args.max_queue_size, warmup=not args.no_warmup)
+                             max_queue_size=args.max_queue_size, cache_bytes=args.cache_mib * 1024**2,
+                             warmup=not args.no_warmup)
     path = write_repository(args.output, args.onnx_dir, opts)
     print(f"wrote {opts.flavor} model repository to {path}")
 

@@ -12,6 +12,9 @@ import pytest
 
 from evfsam.specs import TOKENIZER_FILE
 
+# Room for two cached images (4.8 MB each): small enough that tests see evictions.
+TEST_CACHE_BYTES = 10 * 1024**2
+
 
 def free_ports(count: int):
     sockets = [socket.socket() for _ in range(count)]
@@ -85,7 +88,7 @@ def model_repository(onnx_dir, tmp_path_factory) -> Path:
     from serving.repository import RepositoryOptions, write_repository
 
     return write_repository(tmp_path_factory.mktemp("repo") / "model_repository", onnx_dir,
-                            RepositoryOptions(flavor="python-ort", ort_threads=1))
+                            RepositoryOptions(flavor="python-ort", ort_threads=1, cache_bytes=TEST_CACHE_BYTES))
 
 
 @dataclass

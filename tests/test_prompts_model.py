@@ -1,0 +1,113 @@
+"""`evf_sam_prompts` on the real server: many prompts per image, the embedding cache, its metrics."""
+from __future__ import annotations
+
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from evfsam.embedding_cache import image_key
+from evfsam.processing import decode_image
+from evfsam.specs import CACHE_METRICS, EVF_SAM_PROMPTS
+from tests.images import encode, scene
+from tests.test_serving import grpc_segment
+
+pytestmark = pytest.mark.triton
+
+IMAGE, IMAGE_KEY, PROMPTS = (t.name for t in EVF_SAM_PROMPTS.inputs)
+MASKS, SCORES, KEY_OUT = (t.name for t in EVF_SAM_PROMPTS.outputs)
+PROMPT_LIST = ["zebra top left", "a cat", "the second one from the right, behind the fence", "red", "left"]
+
+
+def segment_many(server, prompts, image=None, key=None):
+    inputs = []
+    for name, value in ((IMAGE, image), (IMAGE_KEY, key)):
+        if value is not None:
+            tensor = grpcclient.InferInput(name, [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([value], dtype=object))
+            inputs.append(tensor)
+    tensor = grpcclient.InferInput(PROMPTS, [len(prompts)], "BYTES")
+    tensor.set_data_from_numpy(np.array([p.encode() for p in prompts], dtype=object))
+    inputs.append(tensor)
+    result = grpcclient.InferenceServerClient(server.grpc_url).infer(EVF_SAM_PROMPTS.name, inputs)
+    return result.as_numpy(MASKS), result.as_numpy(SCORES), result.as_numpy(KEY_OUT)[0].decode()
+
+
+def cache_counts(server):
+    with urllib.request.urlopen(server.metrics_url) as response:
+        lines = response.read().decode().splitlines()
+    counts = {}
+    for key, metric in CACHE_METRICS.items():
+        values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(metric + "{")]
+        counts[key] = int(sum(values))
+    return counts
+
+
+def test_many_prompts_equal_single_prompt_requests(triton_server, torch_pipeline):
+    data = encode(scene(210, 330, seed=11), "PNG")
+    masks, scores, key = segment_many(triton_server, PROMPT_LIST, image=data)
+    assert key == image_key(data)
+    assert masks.shape == (len(PROMPT_LIST), 210, 330) and scores.shape == (len(PROMPT_LIST),)
+    rgb = decode_image(data)
+    for i, prompt in enumerate(PROMPT_LIST):
+        single_mask, single_score = grpc_segment(triton_server, data, prompt.encode())
+        reference = torch_pipeline(rgb, prompt)
+        flips = masks[i] != single_mask
+        assert np.all(np.abs(reference.logits[flips]) < 1e-3)  # only boundary pixels may differ
+        assert scores[i] == pytest.approx(single_score, abs=1e-4)
+
+
+def test_cache_hit_and_image_key_return_the_miss_result(triton_server):
+    data = encode(scene(150, 170, seed=12), "JPEG")
+    before = cache_counts(triton_server)
+    miss_masks, miss_scores, key = segment_many(triton_server, PROMPT_LIST[:3], image=data)
+    hit_masks, hit_scores, _ = segment_many(triton_server, PROMPT_LIST[:3], image=data)
+    key_masks, key_scores, same_key = segment_many(triton_server, PROMPT_LIST[:3], key=key)
+    after = cache_counts(triton_server)
+    assert same_key == key
+    np.testing.assert_array_equal(miss_masks, hit_masks)
+    np.testing.assert_array_equal(miss_masks, key_masks)
+    np.testing.assert_array_equal(miss_scores, key_scores)
+    assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 2
+
+
+def test_eviction_under_a_tiny_budget(triton_server):
+    """The test repository's cache holds two images: a third evicts the least recently used."""
+    keys = [segment_many(triton_server, ["a"], image=encode(scene(90, 90, seed=100 + i), "PNG"))[2] for i in range(3)]
+    before = cache_counts(triton_server)
+    assert before["evictions"] >= 1
+    with pytest.raises(InferenceServerException) as info:
+        segment_many(triton_server, ["a"], key=keys[0])
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "never sent or evicted" in info.value.message()
+    segment_many(triton_server, ["a"], key=keys[2])  # the newest is still there
+
+
+def test_concurrent_requests_for_the_same_new_image(triton_server):
+    data = encode(scene(260, 180, seed=13), "PNG")
+    before = cache_counts(triton_server)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: segment_many(triton_server, PROMPT_LIST[:2], image=data), range(4)))
+    after = cache_counts(triton_server)
+    for masks, scores, key in results[1:]:
+        np.testing.assert_array_equal(masks, results[0][0])
+        np.testing.assert_array_equal(scores, results[0][1])
+    assert 1 <= after["misses"] - before["misses"] <= 2  # computed once (or correctly twice)
+    assert (after["misses"] - before["misses"]) + (after["hits"] - before["hits"]) == 4
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"prompts": ["ok"]}, "send exactly one of 'image'"),
+    ({"prompts": ["ok"], "image": b"img", "key": "k"}, "send exactly one of 'image'"),
+    ({"prompts": ["ok"], "key": "0" * 64}, "never sent or evicted"),
+    ({"prompts": ["fine", "  "], "image": encode(scene(40, 40))}, "prompt 1: prompt is empty"),
+    ({"prompts": ["x"] * 65, "image": encode(scene(40, 40))}, "send 1 to 64 prompts, got 65"),
+    ({"prompts": ["ok"], "image": b"\x89PNG broken"}, "not a recognised image format"),
+])
+def test_bad_requests(triton_server, kwargs, expected):
+    with pytest.raises(InferenceServerException) as info:
+        segment_many(triton_server, **kwargs)
+    assert expected in info.value.message() and info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "Traceback" not in info.value.message()
