@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Tuple
 
 import torch
 
-from .modeling.builder import ConfigError, EvfSamConfig, build_evf_sam
+from .modeling.builder import PIXEL_MEAN, PIXEL_STD, ConfigError, EvfSamConfig, build_evf_sam
 from .modeling.evf_sam import EvfSamModel
 
 CONFIG_FILE = "config.json"
@@ -129,7 +129,19 @@ def load_evf_sam(checkpoint: str | os.PathLike) -> Tuple[EvfSamModel, EvfSamConf
     directory = resolve_checkpoint(str(checkpoint))
     config = read_config(directory)
     state = read_state_dict(weight_files(directory))
-    model = build_evf_sam(config)
+    with torch.device("meta"):  # no random init: the checkpoint's tensors become the parameters
+        model = build_evf_sam(config)
     check_state_dict(model, state)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, assign=True)
+    _materialise_non_persistent_buffers(model)
     return model.eval(), config, directory
+
+
+def _materialise_non_persistent_buffers(model: EvfSamModel) -> None:
+    """SAM's pixel mean/std are not in state dicts; give them their values (segment-anything's)."""
+    sam = model.visual_model
+    for name, values in (("pixel_mean", PIXEL_MEAN), ("pixel_std", PIXEL_STD)):
+        sam.register_buffer(name, torch.tensor(values).view(-1, 1, 1), persistent=False)
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise CheckpointError(f"tensors without values after loading: {leftovers[:8]}")

@@ -6,7 +6,7 @@ generator and the clients read them from these specs; nothing else types a tenso
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -85,7 +85,8 @@ class GraphSpec:
     # Compute-heavy graphs keep fewer requests in flight; values only shape the Triton config.
     max_queue_delay_us: int = 2000
     description: str = ""
-    sample_ranges: Mapping[str, Tuple[int, int]] = field(default_factory=dict)
+    # Batch sizes the exporter traces and then validates with (they must differ).
+    export_batches: Tuple[int, int] = (2, 3)
 
     @property
     def onnx_file(self) -> str:
@@ -162,6 +163,9 @@ SAM_IMAGE_ENCODER = GraphSpec(
     axes={BATCH: AxisRange(1, 1, 4)},
     preferred_batch_sizes=(2, 4),
     max_queue_delay_us=5000,
+    # One global-attention matrix of ViT-H on a 1024² image is 16 x 4096² floats (1 GiB): keep
+    # the export's sample batches small.
+    export_batches=(1, 2),
 )
 
 BEIT3_FUSION_ENCODER = GraphSpec(

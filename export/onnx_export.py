@@ -18,9 +18,17 @@ from .wrappers import GRAPH_WRAPPERS
 
 DEFAULT_OPSET = 17
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # stay clear of protobuf's hard 2 GiB ceiling
-TRACE_AXES = {BATCH: 2, TEXT_LEN: 8}
+TRACE_TEXT_LEN = 8
 # Validation runs at shapes the graph was not traced with.
-VALIDATION_AXES = {BATCH: 3, TEXT_LEN: 13}
+VALIDATION_TEXT_LEN = 13
+
+
+def trace_axes(spec: GraphSpec) -> Dict[str, int]:
+    return {BATCH: spec.export_batches[0], TEXT_LEN: TRACE_TEXT_LEN}
+
+
+def validation_axes(spec: GraphSpec) -> Dict[str, int]:
+    return {BATCH: spec.export_batches[1], TEXT_LEN: VALIDATION_TEXT_LEN}
 
 
 class ExportValidationError(RuntimeError):
@@ -52,7 +60,7 @@ class Comparison:
 def export_graph(model: torch.nn.Module, spec: GraphSpec, out_dir: Path, opset: int = DEFAULT_OPSET, vocab_size: int = 1000) -> Path:
     """Trace `spec`'s wrapper around `model` and write `out_dir/<spec.onnx_file>` (external data if large)."""
     wrapper = GRAPH_WRAPPERS[spec.name](model).eval()
-    sample = spec.sample_inputs(np.random.default_rng(0), TRACE_AXES, vocab_size)
+    sample = spec.sample_inputs(np.random.default_rng(0), trace_axes(spec), vocab_size)
     args = tuple(torch.from_numpy(sample[name]) for name in spec.input_names)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / spec.onnx_file
@@ -123,11 +131,11 @@ def validate_graph(
     rtol: float = 1e-3,
     seed: int = 1,
     vocab_size: int = 1000,
-    axes: Mapping[str, int] = VALIDATION_AXES,
+    axes: Optional[Mapping[str, int]] = None,
 ) -> List[Comparison]:
     """ONNX Runtime vs PyTorch on fresh random inputs at non-trace shapes; raises on the first failure."""
     wrapper = GRAPH_WRAPPERS[spec.name](model).eval()
-    inputs = spec.sample_inputs(np.random.default_rng(seed), axes, vocab_size)
+    inputs = spec.sample_inputs(np.random.default_rng(seed), axes or validation_axes(spec), vocab_size)
     with torch.inference_mode():
         reference = wrapper(*(torch.from_numpy(inputs[n]) for n in spec.input_names))
     reference = reference if isinstance(reference, (tuple, list)) else (reference,)

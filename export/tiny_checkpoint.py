@@ -95,7 +95,7 @@ def random_state_dict(config: EvfSamConfig, seed: int) -> Dict[str, torch.Tensor
             elif name.endswith(("pos_embed", "rel_pos_h", "rel_pos_w", "cls_token", "mask_token")) or "embed" in name:
                 tensor.copy_(0.2 * torch.randn_like(tensor))
         _spread_mask_logits(model)
-    return {k: v.clone() for k, v in model.state_dict().items()}
+    return dict(model.state_dict())
 
 
 def _spread_mask_logits(model) -> None:

@@ -16,6 +16,7 @@ from typing import Any, Dict, Mapping, Tuple
 import torch
 from . import sam_modeling
 
+from ..processing import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 from ..specs import SAM_EMBEDDING_DIM, SAM_EMBEDDING_SIZE, SAM_IMAGE_SIZE
 from .beit3 import BEiT3Config, BEiT3Wrapper
 from .evf_sam import EvfSamModel
@@ -43,6 +44,9 @@ BEIT3_ENCODERS: Dict[str, BEiT3Config] = {
     "large": BEiT3Config(embed_dim=1024, layers=24, attention_heads=16, ffn_embed_dim=4096, vocab_size=64010),
     "base": BEiT3Config(embed_dim=768, layers=12, attention_heads=12, ffn_embed_dim=3072, vocab_size=64010),
 }
+
+PIXEL_MEAN = SAM_PIXEL_MEAN.tolist()
+PIXEL_STD = SAM_PIXEL_STD.tolist()
 
 SAM_OVERRIDE_KEYS = frozenset(f.name for f in fields(SamImageEncoderConfig))
 BEIT3_OVERRIDE_KEYS = frozenset(
@@ -132,8 +136,8 @@ def build_sam(cfg: SamImageEncoderConfig) -> "sam_modeling.Sam":
             iou_head_depth=3,
             iou_head_hidden_dim=256,
         ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
+        pixel_mean=PIXEL_MEAN,
+        pixel_std=PIXEL_STD,
     )
 
 

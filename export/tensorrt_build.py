@@ -1,0 +1,335 @@
+"""Build one TensorRT engine per exported graph into the Triton model repository.
+
+    python -m export.tensorrt_build --onnx-dir build/onnx --repository model_repository \\
+        [--graphs ...] [--fp32] [--timing-cache build/trt/timing.cache] [--workspace-gib 8] [--optional]
+
+For every graph: parse `<onnx-dir>/<graph>.onnx`, add one optimisation profile whose min / opt / max
+shapes (batch, text length) come from the graph's spec in `evfsam/specs.py` (the spec the Triton
+configuration is generated from), build in FP16 with the precision plan of `export/precision.py`
+pinned to FP32 (`--fp32`: everything FP32), reuse and update a persisted timing cache, and write
+`<repository>/<graph>/1/model.plan` with `model.plan.json` beside it (TensorRT version, GPU, precision,
+profile, source ONNX hash).  The engine is specific to the GPU model and the TensorRT version that
+built it: build it with the TensorRT of the Triton image that serves it (docker/README.md).
+
+Exit status: 0 built; 1 TensorRT refused a graph (its parser / builder messages are printed);
+2 an ONNX file is missing; 3 TensorRT is not importable (0 with `--optional`, which only says so).
+
+`trtexec` is the documented alternative; `--print-trtexec` prints the equivalent commands (same
+profile, precision constraints and timing cache) without needing TensorRT.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from evfsam.specs import GRAPHS, GRAPHS_BY_NAME, GraphSpec
+
+from .onnx_export import file_digest
+from .precision import PrecisionPlan
+
+EXIT_OK, EXIT_BUILD_FAILED, EXIT_MISSING_ONNX, EXIT_NO_TENSORRT = 0, 1, 2, 3
+PLAN_FILE = "model.plan"
+METADATA_FILE = PLAN_FILE + ".json"
+VERSION_DIR = "1"
+PROFILE_POINTS = ("min", "opt", "max")
+DEFAULT_WORKSPACE_GIB = 8
+ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^|\]]+)")
+
+
+class BuildError(RuntimeError):
+    """TensorRT could not parse or build a graph; the message carries TensorRT's own."""
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    fp16: bool = True
+    workspace_gib: int = DEFAULT_WORKSPACE_GIB
+    timing_cache: Optional[Path] = None
+
+
+@dataclass
+class BuiltEngine:
+    plan: bytes
+    fp32_layers: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Everything below this line up to `build_engine` runs without TensorRT (and is unit-tested so).
+
+
+def optimization_profile(spec: GraphSpec) -> Dict[str, Dict[str, Tuple[int, ...]]]:
+    """{input name: {"min" | "opt" | "max": shape}} from the spec's axis ranges."""
+    points = {which: spec.profile_shapes(which) for which in PROFILE_POINTS}
+    return {name: {which: points[which][name] for which in PROFILE_POINTS} for name in spec.input_names}
+
+
+def plan_path(repository: Path, spec: GraphSpec) -> Path:
+    return repository / spec.name / VERSION_DIR / PLAN_FILE
+
+
+def metadata_path(repository: Path, spec: GraphSpec) -> Path:
+    return plan_path(repository, spec).with_name(METADATA_FILE)
+
+
+def build_metadata(spec: GraphSpec, onnx_path: Path, options: BuildOptions, tensorrt_version: str,
+                   gpu: Dict[str, str], engine: BuiltEngine) -> dict:
+    return {
+        "graph": spec.name,
+        "tensorrt_version": tensorrt_version,
+        "gpu": gpu,
+        "precision": "fp16" if options.fp16 else "fp32",
+        "fp32_layers": engine.fp32_layers,
+        "max_batch_size": spec.max_batch_size,
+        "profile": {name: {k: list(v) for k, v in shapes.items()} for name, shapes in optimization_profile(spec).items()},
+        "inputs": {t.name: t.dtype for t in spec.inputs},
+        "outputs": {t.name: t.dtype for t in spec.outputs},
+        "onnx": {"file": onnx_path.name, "sha256": file_digest(onnx_path)},
+        "workspace_gib": options.workspace_gib,
+        "build_seconds": round(engine.seconds, 1),
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def onnx_node_of(layer_name: str, metadata: str, node_names: Sequence[str]) -> Optional[str]:
+    """The ONNX node a TensorRT layer was made from: the parser's "[ONNX Layer: <node>]" metadata, or
+    the layer name (the parser names a node's layers `<node>` and `<node>_<n>`)."""
+    match = ONNX_LAYER.search(metadata or "")
+    if match:
+        return match.group(1).strip()
+    if layer_name in node_names:
+        return layer_name
+    stem = re.sub(r"_\d+$", "", layer_name)
+    return stem if stem in node_names else None
+
+
+def trtexec_command(spec: GraphSpec, onnx_path: Path, repository: Path, options: BuildOptions,
+                    plan: Optional[PrecisionPlan] = None) -> List[str]:
+    """The `trtexec` equivalent of a build (layer precisions by ONNX node name)."""
+    profile = optimization_profile(spec)
+    shapes = {which: ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in profile.items())
+              for which in PROFILE_POINTS}
+    command = [
+        "trtexec", f"--onnx={onnx_path}", f"--saveEngine={plan_path(repository, spec)}",
+        f"--minShapes={shapes['min']}", f"--optShapes={shapes['opt']}", f"--maxShapes={shapes['max']}",
+        f"--memPoolSize=workspace:{options.workspace_gib * 1024}M",
+    ]
+    if options.timing_cache:
+        command.append(f"--timingCacheFile={options.timing_cache}")
+    if options.fp16:
+        command += ["--fp16", "--precisionConstraints=obey"]
+        if plan and plan.fp32_nodes:
+            command.append("--layerPrecisions=" + ",".join(f"{n}:fp32" for n in sorted(plan.fp32_nodes)))
+    return command
+
+
+def gpu_description() -> Dict[str, str]:
+    """Name and compute capability of the GPU the engine is built on (via torch, else nvidia-smi)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+    except ImportError:
+        pass
+    if shutil.which("nvidia-smi"):
+        query = ["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader", "--id=0"]
+        result = subprocess.run(query, capture_output=True, text=True, check=False)
+        if result.returncode == 0 and "," in result.stdout:
+            name, capability = (s.strip() for s in result.stdout.splitlines()[0].split(",", 1))
+            return {"name": name, "compute_capability": capability}
+    return {"name": "unknown", "compute_capability": "unknown"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# TensorRT
+
+
+def import_tensorrt():
+    """The `tensorrt` module, or None where it is not installed (no NVIDIA container, no GPU)."""
+    try:
+        import tensorrt
+    except ImportError:
+        return None
+    return tensorrt
+
+
+def build_engine(trt, spec: GraphSpec, onnx_path: Path, options: BuildOptions) -> BuiltEngine:
+    started = time.time()
+    logger = recording_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch: the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise BuildError(f"{spec.name}: TensorRT could not parse {onnx_path}:\n" + "\n".join(errors))
+    _check_network_io(spec, network)
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, options.workspace_gib << 30)
+    config.add_optimization_profile(_profile(builder, spec))
+    fp32_layers: List[str] = []
+    if options.fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        fp32_layers = pin_fp32_layers(trt, network, PrecisionPlan.for_model(_graph_structure(onnx_path)))
+    cache = _load_timing_cache(config, options.timing_cache)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildError(f"{spec.name}: TensorRT could not build the engine:\n" + "\n".join(logger.errors))
+    _save_timing_cache(cache, options.timing_cache)
+    return BuiltEngine(bytes(serialized), fp32_layers, time.time() - started)
+
+
+def pin_fp32_layers(trt, network, plan: PrecisionPlan) -> List[str]:
+    """Constrain the layers made from the plan's FP32 nodes, and every normalisation / softmax layer,
+    to FP32 compute and FP32 float outputs.  Returns the pinned layer names."""
+    node_names = sorted(plan.fp32_nodes)
+    always_fp32 = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
+    pinned = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        node = onnx_node_of(layer.name, getattr(layer, "metadata", ""), node_names)
+        if layer.type not in always_fp32 and not (node and plan.keeps_fp32(node)):
+            continue
+        float_outputs = [j for j in range(layer.num_outputs)
+                         if layer.get_output(j).dtype in (trt.float32, trt.float16)]
+        if not float_outputs or layer.type == trt.LayerType.CONSTANT:
+            continue
+        layer.precision = trt.float32
+        for j in float_outputs:
+            layer.set_output_type(j, trt.float32)
+        pinned.append(layer.name)
+    return pinned
+
+
+def _graph_structure(onnx_path: Path):
+    import onnx
+
+    return onnx.load(str(onnx_path), load_external_data=False)
+
+
+def _profile(builder, spec: GraphSpec):
+    profile = builder.create_optimization_profile()
+    for name, shapes in optimization_profile(spec).items():
+        profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+    return profile
+
+
+def _check_network_io(spec: GraphSpec, network) -> None:
+    inputs = [network.get_input(i).name for i in range(network.num_inputs)]
+    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    if inputs != list(spec.input_names) or outputs != list(spec.output_names):
+        raise BuildError(f"{spec.name}: the ONNX graph's inputs {inputs} / outputs {outputs} are not the spec's "
+                         f"{list(spec.input_names)} / {list(spec.output_names)}")
+
+
+def _load_timing_cache(config, path: Optional[Path]):
+    blob = path.read_bytes() if path and path.exists() else b""
+    cache = config.create_timing_cache(blob)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        print(f"warning: timing cache {path} is from another GPU or TensorRT version; starting a new one",
+              file=sys.stderr)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+    return cache
+
+
+def _save_timing_cache(cache, path: Optional[Path]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(bytes(cache.serialize()))
+
+
+def recording_logger(trt):
+    """A TensorRT logger that prints warnings and errors and keeps the errors for the exit message."""
+
+    class RecordingLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.errors: List[str] = []
+
+        def log(self, severity, msg):
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
+                self.errors.append(msg)
+            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR, trt.ILogger.WARNING):
+                print(f"[TensorRT] {msg}", file=sys.stderr)
+
+    return RecordingLogger()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export.tensorrt_build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--onnx-dir", type=Path, default=Path("build/onnx"))
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"),
+                        help="Triton model repository; plans go to <repository>/<graph>/1/")
+    parser.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS_BY_NAME), default=[g.name for g in GRAPHS])
+    parser.add_argument("--fp32", action="store_true", help="build FP32 engines (no FP16 layers)")
+    parser.add_argument("--timing-cache", type=Path, default=Path("build/trt/timing.cache"))
+    parser.add_argument("--workspace-gib", type=int, default=DEFAULT_WORKSPACE_GIB)
+    parser.add_argument("--optional", action="store_true",
+                        help="without TensorRT, say so and exit 0 instead of 3")
+    parser.add_argument("--print-trtexec", action="store_true",
+                        help="print the equivalent trtexec commands and exit (no TensorRT needed)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    options = BuildOptions(fp16=not args.fp32, workspace_gib=args.workspace_gib, timing_cache=args.timing_cache)
+    specs = [GRAPHS_BY_NAME[name] for name in args.graphs]
+    missing = [str(args.onnx_dir / s.onnx_file) for s in specs if not (args.onnx_dir / s.onnx_file).exists()]
+    if missing:
+        print("error: missing ONNX graphs (run `python -m export` first): " + ", ".join(missing), file=sys.stderr)
+        return EXIT_MISSING_ONNX
+    if args.print_trtexec:
+        for spec in specs:
+            onnx_path = args.onnx_dir / spec.onnx_file
+            plan = PrecisionPlan.for_model(_graph_structure(onnx_path)) if options.fp16 else None
+            print(" ".join(trtexec_command(spec, onnx_path, args.repository, options, plan)))
+        return EXIT_OK
+    trt = import_tensorrt()
+    if trt is None:
+        print("TensorRT is not importable here: no engines built.  Build them in the NGC export image "
+              "(make docker-export, see docker/README.md).", file=sys.stderr)
+        return EXIT_OK if args.optional else EXIT_NO_TENSORRT
+    return _build_all(trt, specs, args, options)
+
+
+def _build_all(trt, specs: List[GraphSpec], args: argparse.Namespace, options: BuildOptions) -> int:
+    gpu = gpu_description()
+    print(f"TensorRT {trt.__version__} on {gpu['name']} (sm {gpu['compute_capability']}), "
+          f"{'FP16 + FP32 plan' if options.fp16 else 'FP32'}")
+    for spec in specs:
+        onnx_path = args.onnx_dir / spec.onnx_file
+        try:
+            engine = build_engine(trt, spec, onnx_path, options)
+        except BuildError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BUILD_FAILED
+        target = plan_path(args.repository, spec)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(engine.plan)
+        metadata = build_metadata(spec, onnx_path, options, trt.__version__, gpu, engine)
+        metadata_path(args.repository, spec).write_text(json.dumps(metadata, indent=2) + "\n")
+        print(f"built {target} ({len(engine.plan) / 2**20:.0f} MiB, {len(engine.fp32_layers)} layers pinned "
+              f"to FP32) in {engine.seconds:.0f} s")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
