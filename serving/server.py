@@ -77,6 +77,16 @@ class TritonInstall:
         return env
 
 
+def _terminate_with_parent() -> None:
+    """Linux: SIGTERM tritonserver if the process that started it dies (no orphaned servers)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 @dataclass
 class TritonServer:
     repository: Path
@@ -128,6 +138,7 @@ class TritonServer:
             self.command(install, backend_dir), env=install.environment(), cwd=self._work_dir,
             stdout=output, stderr=subprocess.STDOUT if output else None,
             start_new_session=True,  # a terminal's Ctrl-C reaches only us; we drain, then stop Triton
+            preexec_fn=_terminate_with_parent,
         )
         return self
 
