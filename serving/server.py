@@ -2,7 +2,8 @@
 
     python -m serving.server --repository build/model_repository [--http-port 8000 ...]
 
-Runs in the foreground until SIGTERM / SIGINT.  Then it drains first: it waits (up to
+Runs in the foreground until SIGTERM / SIGINT, restarting tritonserver if it crashes (tritonserver
+2.51 can crash when a gRPC client cancels a request in flight: triton-inference-server issue 7368).  Then it drains first: it waits (up to
 --drain-timeout) until no request is inside the evf_sam pipeline, and only then sends SIGTERM to
 tritonserver.  Triton 2.51 alone would refuse the later ensemble steps of requests already in flight
 ("Server is stopping"), failing them.  The recipe (python-backend stub copied next to
@@ -26,6 +27,9 @@ from pathlib import Path
 from typing import List, Optional
 
 from evfsam.specs import PIPELINE_FINISHED_METRIC, PIPELINE_STARTED_METRIC
+
+
+CRASH_WINDOW_S = 600
 
 
 class ServerError(RuntimeError):
@@ -97,6 +101,7 @@ class TritonServer:
     log_file: Optional[Path] = None
     extra_args: List[str] = field(default_factory=list)
     process: Optional[subprocess.Popen] = None
+    work_dir: Optional[Path] = None
 
     @property
     def http_url(self) -> str:
@@ -130,12 +135,12 @@ class TritonServer:
 
     def start(self, work_dir: Optional[Path] = None) -> "TritonServer":
         install = TritonInstall.find()
-        self._work_dir = Path(work_dir or tempfile.mkdtemp(prefix="evfsam-triton-"))
-        backend_dir = install.backend_directory(self._work_dir)
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="evfsam-triton-"))
+        backend_dir = install.backend_directory(self.work_dir)
         output = open(self.log_file, "ab") if self.log_file else None
         # cwd outside the source tree: the repository's python models must import their own copies
         self.process = subprocess.Popen(
-            self.command(install, backend_dir), env=install.environment(), cwd=self._work_dir,
+            self.command(install, backend_dir), env=install.environment(), cwd=self.work_dir,
             stdout=output, stderr=subprocess.STDOUT if output else None,
             start_new_session=True,  # a terminal's Ctrl-C reaches only us; we drain, then stop Triton
             preexec_fn=_terminate_with_parent,
@@ -218,6 +223,8 @@ def main(argv=None) -> int:
     parser.add_argument("--address", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--drain-timeout", type=float, default=60.0)
+    parser.add_argument("--max-restarts", type=int, default=5,
+                        help=f"restart tritonserver after a crash, at most this often within {CRASH_WINDOW_S} s")
     args = parser.parse_args(argv)
     if not (args.repository / "evf_sam" / "config.pbtxt").is_file():
         print(f"error: {args.repository} has no evf_sam model; run `make repository` first", file=sys.stderr)
@@ -238,11 +245,22 @@ def main(argv=None) -> int:
               f"  python -m clients.segment --url {server.grpc_url} --protocol grpc --image IMAGE --prompt 'zebra top left'\n"
               f"  curl -s http://{server.http_url}/v2/models/evf_sam\n"
               "Stop with Ctrl-C (or SIGTERM): requests in flight are finished first.", flush=True)
-    while server.process.poll() is None and not stop_requested:
-        time.sleep(0.2)
-    if not stop_requested:
-        print(f"error: tritonserver exited with code {server.process.returncode}", file=sys.stderr)
-        return server.process.returncode or 1
+    crashes: List[float] = []
+    while not stop_requested:
+        if server.process.poll() is None:
+            time.sleep(0.2)
+            continue
+        crashes = [t for t in crashes if t > time.time() - CRASH_WINDOW_S] + [time.time()]
+        print(f"error: tritonserver exited unexpectedly with code {server.process.returncode}", file=sys.stderr)
+        if len(crashes) > args.max_restarts:
+            print(f"error: {len(crashes)} exits within {CRASH_WINDOW_S} s; giving up", file=sys.stderr)
+            return 1
+        print("restarting tritonserver ...", file=sys.stderr, flush=True)
+        server.start(server.work_dir)
+        try:
+            _wait_ready_unless_stopped(server, args.ready_timeout, stop_requested)
+        except ServerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
     print("stopping: finishing requests in flight ...", flush=True)
     code = server.stop(drain_timeout=args.drain_timeout)
     print(f"tritonserver stopped (exit code {code})", flush=True)

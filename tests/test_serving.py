@@ -271,3 +271,39 @@ def _wait_until_ready(url, process, timeout=300):
             pass
         time.sleep(0.5)
     raise AssertionError("server not ready")
+
+
+def test_serve_command_restarts_a_crashed_server(model_repository, tmp_path):
+    """tritonserver 2.51 can crash on a cancelled gRPC request; `make serve` brings it back."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import free_ports
+
+    http, grpc, metrics = free_ports(3)
+    log_path = tmp_path / "serve.log"
+    process = subprocess.Popen([sys.executable, "-m", "serving.server", "--repository", str(model_repository),
+                                "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                               stdout=open(log_path, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ))
+    ready = f"http://127.0.0.1:{http}/v2/health/ready"
+    try:
+        _wait_until_ready(ready, process)
+        server_pid = int(subprocess.run(["pgrep", "-P", str(process.pid), "tritonserver"],
+                                        capture_output=True, text=True).stdout.split()[0])
+        os.kill(server_pid, signal.SIGSEGV)
+        time.sleep(2)
+        _wait_until_ready(ready, process)
+
+        class Urls:
+            grpc_url = f"127.0.0.1:{grpc}"
+
+        mask, _ = grpc_segment(Urls, GOOD_IMAGE, b"zebra")
+        assert mask.shape == (120, 160)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert b"restarting tritonserver" in log_path.read_bytes()
