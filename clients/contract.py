@@ -1,6 +1,8 @@
-"""The served contract (`evfsam.specs.EVF_SAM`) on the wire: requests, responses, metadata checks.
+"""The served contracts on the wire: requests, responses, metadata checks.
 
-Nothing here names a tensor: names, datatypes and shapes all come from the `ServedModelSpec`.
+`evfsam.specs.EVF_SAM` (one image, one prompt per request) and `evfsam.specs.EVF_SAM_PROMPTS` (one
+image or the key of one sent before, N prompts per request).  Nothing here names a tensor: names,
+datatypes and shapes all come from the `ServedModelSpec`.
 The request builders take the `tritonclient.grpc` or `tritonclient.http` module, whose `InferInput`
 and `InferRequestedOutput` the asyncio clients share.
 """
@@ -8,15 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from evfsam.specs import EVF_SAM, ServedModelSpec, TensorSpec
+from evfsam.specs import EVF_SAM, EVF_SAM_PROMPTS, ServedModelSpec, TensorSpec
 
 from .errors import ContractMismatch, InvalidInput
 
 DEFAULT_SPEC = EVF_SAM
+DEFAULT_PROMPTS_SPEC = EVF_SAM_PROMPTS
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class Segmentation:
     prompt: str
     mask: np.ndarray
     score: float
+    # The server's key of the image (sha256 of its bytes, hex) when the answer came from the
+    # many-prompts model, which caches the image's embedding under it; None otherwise.
+    image_key: Optional[str] = None
 
     @property
     def area(self) -> int:
@@ -60,13 +66,55 @@ def check_metadata(metadata: Mapping[str, Any], spec: ServedModelSpec = DEFAULT_
 
 def build_inputs(protocol: ModuleType, image: bytes, prompt: str, spec: ServedModelSpec = DEFAULT_SPEC) -> List[Any]:
     """One request's inputs: the image bytes and the UTF-8 prompt, each a [1, 1] BYTES tensor."""
-    if not isinstance(prompt, str):
-        raise InvalidInput(f"prompt must be a str, got {type(prompt).__name__}")
+    check_prompt(prompt)
     image_spec, prompt_spec = spec.inputs
     return [
         _bytes_input(protocol, image_spec, image),
         _bytes_input(protocol, prompt_spec, prompt.encode("utf-8")),
     ]
+
+
+def check_prompt(prompt: Any) -> str:
+    if not isinstance(prompt, str):
+        raise InvalidInput(f"prompt must be a str, got {type(prompt).__name__}")
+    return prompt
+
+
+def check_prompts(prompts: Sequence[str]) -> List[str]:
+    """A list of str prompts (a single str is refused rather than split into characters)."""
+    if isinstance(prompts, (str, bytes)):
+        raise InvalidInput(f"prompts must be a sequence of str, got a single {type(prompts).__name__}")
+    return [check_prompt(prompt) for prompt in prompts]
+
+
+def check_image_key(image_key: Any) -> str:
+    if not isinstance(image_key, str) or not image_key:
+        raise InvalidInput(f"image_key must be a non-empty str as the server returned it, got {image_key!r:.80}")
+    return image_key
+
+
+def build_prompts_inputs(
+    protocol: ModuleType,
+    prompts: Sequence[str],
+    image: Optional[bytes] = None,
+    image_key: Optional[str] = None,
+    spec: ServedModelSpec = DEFAULT_PROMPTS_SPEC,
+) -> List[Any]:
+    """One many-prompts request: the image bytes or an image key (exactly one), and the N UTF-8
+    prompts as one [N] BYTES tensor."""
+    if (image is None) == (image_key is None):
+        raise InvalidInput("give exactly one of an image and an image key")
+    image_spec, key_spec, prompts_spec = spec.inputs
+    source = (
+        _bytes_input(protocol, image_spec, image)
+        if image is not None
+        else _bytes_input(protocol, key_spec, check_image_key(image_key).encode("utf-8"))
+    )
+    encoded = [check_prompt(prompt).encode("utf-8") for prompt in prompts]
+    shape = [len(encoded) if isinstance(dim, str) else dim for dim in prompts_spec.shape]
+    prompts_input = protocol.InferInput(prompts_spec.name, shape, wire_datatype(prompts_spec))
+    prompts_input.set_data_from_numpy(np.array(encoded, dtype=np.object_).reshape(shape))
+    return [source, prompts_input]
 
 
 def requested_outputs(protocol: ModuleType, spec: ServedModelSpec = DEFAULT_SPEC) -> List[Any]:
@@ -86,6 +134,30 @@ def parse_result(result: Any, prompt: str, spec: ServedModelSpec = DEFAULT_SPEC)
     if mask.size and mask.max() > 1:
         raise ContractMismatch(f"output {mask_spec.name!r} must hold 0/1 values, found {int(mask.max())}")
     return Segmentation(prompt=prompt, mask=mask[0], score=float(score.reshape(-1)[0]))
+
+
+def parse_prompts_result(
+    result: Any, prompts: Sequence[str], spec: ServedModelSpec = DEFAULT_PROMPTS_SPEC
+) -> List[Segmentation]:
+    """A many-prompts `InferResult` -> one `Segmentation` per prompt, in order, each with the key."""
+    masks_spec, scores_spec, key_spec = spec.outputs
+    masks = _output(result, masks_spec)
+    scores = _output(result, scores_spec)
+    keys = _output(result, key_spec)
+    if masks.shape[0] != len(prompts) or scores.shape != (len(prompts),) or keys.size != 1:
+        raise ContractMismatch(
+            f"expected {len(prompts)} {masks_spec.name!r}, {len(prompts)} {scores_spec.name!r} and one "
+            f"{key_spec.name!r} for {len(prompts)} prompts, got shapes {list(masks.shape)}, "
+            f"{list(scores.shape)} and {list(keys.shape)}"
+        )
+    if masks.size and masks.max() > 1:
+        raise ContractMismatch(f"output {masks_spec.name!r} must hold 0/1 values, found {int(masks.max())}")
+    key = keys.reshape(-1)[0]
+    key = key.decode("utf-8", errors="replace") if isinstance(key, bytes) else str(key)
+    return [
+        Segmentation(prompt=prompt, mask=masks[i], score=float(scores[i]), image_key=key)
+        for i, prompt in enumerate(prompts)
+    ]
 
 
 def _bytes_input(protocol: ModuleType, tensor: TensorSpec, value: bytes) -> Any:

@@ -6,7 +6,7 @@
 | 3         | `ServerUnreachable`                    | nothing answers at the URL                       |
 | 4         | `RequestTimeout`                       | the server did not answer within the timeout     |
 | 5         | `ContractMismatch` (`ModelUnavailable`)| the served model is not the `EVF_SAM` contract   |
-| 6         | `ServerError`                          | the server answered with an error                |
+| 6         | `ServerError` (`UnknownImageKey`)      | the server answered with an error                |
 | 7         | `OutputError`                          | a result could not be written                    |
 
 `translate_errors` turns what `tritonclient` (gRPC, HTTP, sync and asyncio) and its transports raise
@@ -65,6 +65,34 @@ class ServerError(ClientError):
         super().__init__(message)
         self.server_message = server_message
         self.status = status
+
+
+class UnknownImageKey(ServerError):
+    """The server does not hold the image key sent instead of the image (never sent, or evicted from
+    its embedding cache): send the image bytes again.  `image_key` is the key that was sent."""
+
+    def __init__(self, message: str, server_message: str = "", status: Optional[str] = None, image_key: str = ""):
+        super().__init__(message, server_message, status)
+        self.image_key = image_key
+
+
+# How the many-prompts model (model_repository/prompts.py) rejects an image key it does not hold:
+# an invalid-argument error whose message says this.
+_UNKNOWN_KEY_STATUSES = {"StatusCode.INVALID_ARGUMENT", "400"}
+_UNKNOWN_KEY_TEXT = "never sent or evicted"
+
+
+def unknown_image_key(error: ServerError, image_key: str) -> ClientError:
+    """`error` as an `UnknownImageKey` when it is the server's refusal of `image_key`, else unchanged."""
+    if error.status in _UNKNOWN_KEY_STATUSES and _UNKNOWN_KEY_TEXT in error.server_message:
+        return UnknownImageKey(
+            f"the server does not hold image key {image_key[:80]!r} (never sent or evicted from its cache); "
+            "send the image bytes again",
+            error.server_message,
+            error.status,
+            image_key,
+        )
+    return error
 
 
 class OutputError(ClientError):

@@ -6,7 +6,9 @@ that the client keeps a bounded number of requests in flight from a single threa
 is not thread-safe, so threads are not an option).  The greenlets return failures instead of raising
 them, so gevent prints no traceback of its own.  Async transports expose a coroutine `infer`.
 
-Every call goes through `translate_errors`, so only `ClientError`s leave this module.
+Every call goes through `translate_errors`, so only `ClientError`s leave this module.  A transport
+talks to one model by default; `metadata`, `submit` and `infer` take another model's name (the
+many-prompts companion of the ensemble) on the same connection.
 """
 from __future__ import annotations
 
@@ -59,8 +61,12 @@ class _Transport:
         self.model = model
         self.timeout = check_timeout(timeout)
 
-    def errors(self, for_model: bool = False):
-        return translate_errors(self.url, self.protocol, self.timeout, self.model if for_model else None)
+    def errors(self, metadata_of: Optional[str] = None):
+        """Translate failures; `metadata_of` names the model whose metadata is being read."""
+        return translate_errors(self.url, self.protocol, self.timeout, metadata_of)
+
+    def model_name(self, model: Optional[str]) -> str:
+        return self.model if model is None else model
 
 
 class GrpcTransport(_Transport):
@@ -72,11 +78,12 @@ class GrpcTransport(_Transport):
         with self.errors():
             self._client = grpcclient.InferenceServerClient(self.url)
 
-    def metadata(self) -> Dict[str, Any]:
-        with self.errors(for_model=True):
-            return self._client.get_model_metadata(self.model, as_json=True, client_timeout=self.timeout)
+    def metadata(self, model: Optional[str] = None) -> Dict[str, Any]:
+        model = self.model_name(model)
+        with self.errors(metadata_of=model):
+            return self._client.get_model_metadata(model, as_json=True, client_timeout=self.timeout)
 
-    def submit(self, inputs: List[Any], outputs: List[Any]) -> "Future[Any]":
+    def submit(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> "Future[Any]":
         future: "Future[Any]" = Future()
 
         def done(result: Any, error: Optional[Exception]) -> None:
@@ -84,7 +91,7 @@ class GrpcTransport(_Transport):
 
         with self.errors():
             self._client.async_infer(
-                self.model, inputs, done, outputs=outputs, client_timeout=self.timeout
+                self.model_name(model), inputs, done, outputs=outputs, client_timeout=self.timeout
             )
         return future
 
@@ -110,12 +117,13 @@ class HttpTransport(_Transport):
                 network_timeout=_seconds(timeout),
             )
 
-    def metadata(self) -> Dict[str, Any]:
-        with self.errors(for_model=True):
-            return self._client.get_model_metadata(self.model)
+    def metadata(self, model: Optional[str] = None) -> Dict[str, Any]:
+        model = self.model_name(model)
+        with self.errors(metadata_of=model):
+            return self._client.get_model_metadata(model)
 
-    def submit(self, inputs: List[Any], outputs: List[Any]) -> "gevent.Greenlet":
-        return gevent.spawn(self._infer_capturing_failure, inputs, outputs)
+    def submit(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> "gevent.Greenlet":
+        return gevent.spawn(self._infer_capturing_failure, self.model_name(model), inputs, outputs)
 
     def wait(self, handle: "gevent.Greenlet") -> Any:
         result, failure = handle.get()
@@ -124,9 +132,11 @@ class HttpTransport(_Transport):
                 raise failure
             return result
 
-    def _infer_capturing_failure(self, inputs: List[Any], outputs: List[Any]) -> Tuple[Any, Optional[BaseException]]:
+    def _infer_capturing_failure(
+        self, model: str, inputs: List[Any], outputs: List[Any]
+    ) -> Tuple[Any, Optional[BaseException]]:
         try:
-            return self._client.infer(self.model, inputs, outputs=outputs), None
+            return self._client.infer(model, inputs, outputs=outputs), None
         except Exception as exc:  # re-raised by `wait`, in the caller's frame
             return None, exc
 
@@ -143,13 +153,16 @@ class AsyncGrpcTransport(_Transport):
         with self.errors():
             self._client = grpcclient_aio.InferenceServerClient(self.url)
 
-    async def metadata(self) -> Dict[str, Any]:
-        with self.errors(for_model=True):
-            return await self._client.get_model_metadata(self.model, as_json=True, client_timeout=self.timeout)
+    async def metadata(self, model: Optional[str] = None) -> Dict[str, Any]:
+        model = self.model_name(model)
+        with self.errors(metadata_of=model):
+            return await self._client.get_model_metadata(model, as_json=True, client_timeout=self.timeout)
 
-    async def infer(self, inputs: List[Any], outputs: List[Any]) -> Any:
+    async def infer(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> Any:
         with self.errors():
-            return await self._client.infer(self.model, inputs, outputs=outputs, client_timeout=self.timeout)
+            return await self._client.infer(
+                self.model_name(model), inputs, outputs=outputs, client_timeout=self.timeout
+            )
 
     async def close(self) -> None:
         await self._client.close()
@@ -166,13 +179,14 @@ class AsyncHttpTransport(_Transport):
                 self.url, conn_limit=concurrency, conn_timeout=_seconds(timeout)
             )
 
-    async def metadata(self) -> Dict[str, Any]:
-        with self.errors(for_model=True):
-            return await self._client.get_model_metadata(self.model)
+    async def metadata(self, model: Optional[str] = None) -> Dict[str, Any]:
+        model = self.model_name(model)
+        with self.errors(metadata_of=model):
+            return await self._client.get_model_metadata(model)
 
-    async def infer(self, inputs: List[Any], outputs: List[Any]) -> Any:
+    async def infer(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> Any:
         with self.errors():
-            return await self._client.infer(self.model, inputs, outputs=outputs)
+            return await self._client.infer(self.model_name(model), inputs, outputs=outputs)
 
     async def close(self) -> None:
         await self._client.close()

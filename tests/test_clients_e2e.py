@@ -58,7 +58,7 @@ def assert_same_answer(result, other):
     float results in their last bits."""
     assert result.mask.shape == other.mask.shape
     assert np.mean(result.mask != other.mask) <= MAX_DIFFERENT_PIXELS
-    assert result.score == pytest.approx(other.score, abs=1e-5)
+    assert result.score == pytest.approx(other.score, abs=1e-4)
 
 
 def assert_matches_reference(result, rgb, prompt, reference_pipeline):
@@ -348,8 +348,10 @@ def test_cli_wrong_port_exits_3(triton_server, photo, tmp_path):
 
 
 @pytest.mark.parametrize("protocol, timeout", [("http", INFERENCE_TIMEOUT_S), ("grpc", CONNECT_TIMEOUT_S)])
-def test_cli_timeout_exits_4(triton_server, photo, tmp_path, protocol, timeout):
-    path, _ = photo
+def test_cli_timeout_exits_4(triton_server, tmp_path, protocol, timeout):
+    # A fresh image: a cached one is answered by evf_sam_prompts in about the timeout itself.
+    path = tmp_path / "uncached.png"
+    path.write_bytes(encode(scene(600, 800, seed={"http": 1001, "grpc": 1002}[protocol]), "PNG"))
     url = url_of(triton_server, protocol)
     done = run_segment("--url", url, "--protocol", protocol, "--image", str(path), "--prompt", "cat",
                        "--timeout", str(timeout), "--output-dir", str(tmp_path / "out"))

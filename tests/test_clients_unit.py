@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as coco_mask
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from clients import (
@@ -27,12 +29,22 @@ from clients import (
     ServerError,
     ServerUnreachable,
 )
-from clients.contract import check_metadata, parse_result, wire_datatype, wire_shape
-from clients.errors import one_line, translate_errors
+from clients import UnknownImageKey
+from clients.client import image_or_key, prompt_chunks
+from clients.contract import (
+    build_prompts_inputs,
+    check_metadata,
+    check_prompts,
+    parse_prompts_result,
+    parse_result,
+    wire_datatype,
+    wire_shape,
+)
+from clients.errors import one_line, translate_errors, unknown_image_key
 from clients.images import decode_rgb, encode_image
 from clients.masks import overlay, rle_decode, rle_encode, viewable
 from clients.transport import normalise_url
-from evfsam.specs import EVF_SAM
+from evfsam.specs import EVF_SAM, EVF_SAM_PROMPTS, MAX_PROMPTS_PER_REQUEST
 from tests.images import encode, scene
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -186,6 +198,68 @@ def test_prompts_must_be_text():
 
     with pytest.raises(InvalidInput, match="prompt must be a str, got bytes"):
         build_inputs(grpcclient, b"image", b"cat")
+
+
+# ---------------------------------------------------------------- many-prompts contract
+
+
+PROMPTS_IMAGE, PROMPTS_KEY, PROMPTS_PROMPTS = (t.name for t in EVF_SAM_PROMPTS.inputs)
+PROMPTS_MASKS, PROMPTS_SCORES, PROMPTS_KEY_OUT = (t.name for t in EVF_SAM_PROMPTS.outputs)
+
+
+def test_many_prompts_metadata_is_checked():
+    check_metadata(served_metadata(EVF_SAM_PROMPTS), EVF_SAM_PROMPTS)
+    with pytest.raises(ContractMismatch, match=f"missing input {PROMPTS_KEY!r}"):
+        check_metadata(served_metadata(EVF_SAM), EVF_SAM_PROMPTS)
+
+
+@pytest.mark.parametrize("module", [grpcclient, httpclient])
+def test_many_prompts_requests_follow_the_spec(module):
+    by_image = build_prompts_inputs(module, ["a cat", "café"], image=b"jpeg bytes")
+    assert [(i.name(), i.datatype(), i.shape()) for i in by_image] == [
+        (PROMPTS_IMAGE, "BYTES", [1]), (PROMPTS_PROMPTS, "BYTES", [2])]
+    by_key = build_prompts_inputs(module, ["x"], image_key="ab" * 32)
+    assert [(i.name(), i.shape()) for i in by_key] == [(PROMPTS_KEY, [1]), (PROMPTS_PROMPTS, [1])]
+    with pytest.raises(InvalidInput, match="exactly one of an image and an image key"):
+        build_prompts_inputs(module, ["x"], image=b"x", image_key="k")
+    with pytest.raises(InvalidInput, match="prompt must be a str, got bytes"):
+        build_prompts_inputs(module, [b"x"], image=b"x")
+
+
+def test_segment_prompts_arguments_are_checked():
+    assert image_or_key(b"img", None) == (b"img", None) and image_or_key(None, "k") == (None, "k")
+    with pytest.raises(InvalidInput, match="give an image, or the image_key of one sent before"):
+        image_or_key(None, None)
+    with pytest.raises(InvalidInput, match="give an image or an image_key, not both"):
+        image_or_key(b"img", "k")
+    with pytest.raises(InvalidInput, match="image_key must be a non-empty str"):
+        image_or_key(None, b"k")
+    with pytest.raises(InvalidInput, match="prompts must be a sequence of str, got a single str"):
+        check_prompts("a cat")
+    assert [len(chunk) for chunk in prompt_chunks(["p"] * (2 * MAX_PROMPTS_PER_REQUEST + 1))] == [
+        MAX_PROMPTS_PER_REQUEST, MAX_PROMPTS_PER_REQUEST, 1]
+
+
+def test_many_prompts_results_are_parsed_in_order_with_the_key():
+    masks = np.zeros((2, 5, 7), np.uint8)
+    masks[1, 1:3, 2:6] = 1
+    result = FakeResult(**{PROMPTS_MASKS: masks, PROMPTS_SCORES: np.array([0.25, 0.75], np.float32),
+                           PROMPTS_KEY_OUT: np.array([b"abc"], dtype=object)})
+    first, second = parse_prompts_result(result, ["a", "b"])
+    assert (first.prompt, first.score, first.area, first.image_key) == ("a", 0.25, 0, "abc")
+    assert (second.prompt, second.score, second.area, second.image_key) == ("b", 0.75, 8, "abc")
+    with pytest.raises(ContractMismatch, match=f"expected 3 {PROMPTS_MASKS!r}, 3 {PROMPTS_SCORES!r} and one"):
+        parse_prompts_result(result, ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("status", ["StatusCode.INVALID_ARGUMENT", "400"])
+def test_a_refused_image_key_is_an_unknown_image_key(status):
+    server_message = "unknown image_key 'k': never sent or evicted; send the image bytes"
+    error = unknown_image_key(ServerError("the server failed the request: ...", server_message, status), "k")
+    assert type(error) is UnknownImageKey and isinstance(error, ServerError) and error.exit_code == 6
+    assert (error.image_key, error.server_message, error.status) == ("k", server_message, status)
+    other = ServerError("the server failed the request: prompt 0: prompt is empty", "prompt 0: prompt is empty", status)
+    assert unknown_image_key(other, "k") is other
 
 
 # ---------------------------------------------------------------- error translation
