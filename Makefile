@@ -61,6 +61,7 @@ export: onnx engines
 # their absence an error.
 engines: install
 	@if $(PY) -c "import tensorrt" 2>/dev/null; then \
+	  $(PY) -m export.trt_support $(ONNX_DIR)/*.onnx && \
 	  $(PY) -m serving.repository --flavor tensorrt --onnx-dir $(ONNX_DIR) --output $(TRT_REPOSITORY) && \
 	  $(PY) -m export.tensorrt_build --onnx-dir $(ONNX_DIR) --repository $(TRT_REPOSITORY) --timing-cache $(TRT_TIMING_CACHE); \
 	else \

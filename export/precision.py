@@ -1,8 +1,8 @@
 """The FP16 precision plan, in one place: which nodes of an exported graph stay FP32.
 
 The TensorRT builder (`export/tensorrt_build.py`) builds FP16 engines with exactly these nodes pinned to
-FP32, and the ONNX Runtime check below converts the same ONNX graph to FP16 with the same nodes kept
-FP32, so the CPU check exercises the plan the engines are built with.
+FP32, and the ONNX Runtime check below runs the same ONNX graph with FP16 storage everywhere else, so
+the CPU check exercises the plan the engines are built with.
 
 Kept in FP32 (`keeps_fp32`):
 
@@ -26,9 +26,9 @@ float32.  Arithmetic inside each op stays float32 (TensorRT's FP16 GEMMs and con
 in FP32 too), so this finds overflow of stored activations, not inside a fused kernel.  A real float16
 graph is no better on the CPU: ONNX Runtime runs float16 nodes that have no CPU kernel (Pow,
 ReduceMean, ...) in float32 and drops the narrowing casts between them, which hid an overflow of
-SAM's neck that the emulation shows.  Both runs count the inf / NaN values of every FP16
-activation, so a report names the first one that overflowed (non-finite in FP16, finite in FP32:
-masking with -inf is not an overflow) and the largest finite FP16 value (the headroom).
+SAM's neck that the emulation shows.  Both runs record max |x| of every FP16 activation, so a report
+names the first one that overflowed (inf / NaN in FP16, finite in FP32: masking with -inf is not an
+overflow) and the largest finite FP16 value (the headroom below 65504).
 
     python -m export.precision --onnx-dir build/onnx [--graphs ...] [--unprotected]
 """
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -52,7 +51,6 @@ FP16_MAX = float(np.finfo(np.float16).max)
 # Ops that accept any input dtype: they read shapes or convert, they never compute on the values.
 DTYPE_AGNOSTIC_OP_TYPES = frozenset({"Shape", "Size", "Cast"})
 ABSMAX_SUFFIX = "::absmax"
-NONFINITE_SUFFIX = "::nonfinite"
 UNROUNDED, ROUNDED = "::fp32", "::fp16"
 
 
@@ -104,32 +102,32 @@ class PrecisionPlan:
 
 def emulate_fp16(model: onnx.ModelProto, plan: PrecisionPlan) -> Tuple[onnx.ModelProto, List[str]]:
     """A copy of `model` in which every float tensor of the FP16 region (produced by a node outside
-    `plan`, or entering the region from FP32) is rounded to float16 and back, and the region's float
-    weights and constants are float16-rounded; the plan's nodes read and write unrounded float32.
-    Also returns the rounded activations in graph order (a border copy of tensor `t` is `t::fp16`)."""
+    `plan`, or entering the region from FP32: inputs, weights, constants) is rounded to float16 and
+    back; the plan's nodes read and write unrounded float32.  Weights are rounded by Cast nodes, so
+    `model` may be the structure alone (`onnx.load(..., load_external_data=False)`).  Also returns the
+    rounded activations in graph order (a border copy of tensor `t` is `t::fp16`)."""
     emulation = _Fp16Emulation(model, plan)
     return emulation.rewrite(), emulation.activations
 
 
 def add_statistics(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    """Add two float32 graph outputs per tensor, in place: `<t>::absmax`, the largest finite |x|, and
-    `<t>::nonfinite`, how many values are inf or NaN."""
-    zero = "::statistics_zero"
-    model.graph.initializer.append(numpy_helper.from_array(np.zeros((), np.float32), zero))
-    for name in tensors:
-        bad, absmax, nonfinite = name + "::bad", name + ABSMAX_SUFFIX, name + NONFINITE_SUFFIX
-        model.graph.node.extend([
-            helper.make_node("IsInf", [name], [name + "::inf"]),
-            helper.make_node("IsNaN", [name], [name + "::nan"]),
-            helper.make_node("Or", [name + "::inf", name + "::nan"], [bad]),
-            helper.make_node("Cast", [bad], [bad + "::count"], to=TensorProto.FLOAT),
-            helper.make_node("ReduceSum", [bad + "::count"], [nonfinite], keepdims=0),
-            helper.make_node("Abs", [name], [name + "::abs"]),
-            helper.make_node("Where", [bad, zero, name + "::abs"], [name + "::finite_abs"]),
-            helper.make_node("ReduceMax", [name + "::finite_abs"], [absmax], keepdims=0),
-        ])
-        model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in (absmax, nonfinite))
+    """Add a float32 graph output `<t>::absmax` = max |x| (inf or NaN once x holds one) per tensor, in
+    place.  The statistic nodes follow their tensor's producer; with `Runner`'s priority-based order
+    ONNX Runtime runs them early and frees the tensor (a SAM encoder has thousands of activations)."""
+    wanted, produced = set(tensors), {o for node in model.graph.node for o in node.output}
+    nodes = [n for name in tensors if name not in produced for n in _statistic_nodes(name)]
+    for node in model.graph.node:
+        nodes.append(node)
+        nodes += [n for name in node.output if name in wanted for n in _statistic_nodes(name)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.output.extend(helper.make_tensor_value_info(t + ABSMAX_SUFFIX, TensorProto.FLOAT, []) for t in tensors)
     return model
+
+
+def _statistic_nodes(name: str) -> List[onnx.NodeProto]:
+    return [helper.make_node("Abs", [name], [name + "::abs"]),
+            helper.make_node("ReduceMax", [name + "::abs"], [name + ABSMAX_SUFFIX], keepdims=0)]
 
 
 class _Fp16Emulation:
@@ -137,20 +135,20 @@ class _Fp16Emulation:
         self.source = model
         self.plan = plan
         self.float_tensors = _float_tensor_names(model)
-        self.initializers = {t.name: t for t in model.graph.initializer}
+        graph = model.graph
+        self.constants = {t.name for t in graph.initializer}
+        self.constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
         self.fp16_region: Set[str] = set()  # float tensors holding float16-rounded values
         self.borders: Dict[str, str] = {}  # float32 tensor -> its rounded copy for the FP16 region
-        self.activations: List[str] = []  # rounded tensors computed at run time, in graph order
+        self.activations: List[str] = []  # rounded tensors computed from the inputs, in graph order
         self.nodes: List[onnx.NodeProto] = []
-        self.new_initializers: List[onnx.TensorProto] = []
 
     def rewrite(self) -> onnx.ModelProto:
         for node in self.source.graph.node:
             self._convert_node(node)
-        graph = helper.make_graph(
-            self.nodes, self.source.graph.name + "_fp16", list(self.source.graph.input), list(self.source.graph.output),
-            initializer=self._used_initializers(),
-        )
+        source = self.source.graph
+        graph = helper.make_graph(self.nodes, source.name + "_fp16", list(source.input), list(source.output),
+                                  initializer=list(source.initializer))
         model = helper.make_model(graph, opset_imports=list(self.source.opset_import))
         model.ir_version = self.source.ir_version
         return model
@@ -173,17 +171,17 @@ class _Fp16Emulation:
         self.nodes.append(node)
         for name in floats:
             self._append_rounding(name + UNROUNDED, name)
+            self.activations.append(name)
 
     def _fp16_input(self, name: str) -> str:
         """The float16-rounded version of an input of an FP16-region node."""
         if name not in self.float_tensors or name in self.fp16_region:
             return name
         if name not in self.borders:
-            if name in self.initializers:
-                self.borders[name] = self._rounded_initializer(name)
-            else:
-                self.borders[name] = name + ROUNDED
-                self._append_rounding(name, name + ROUNDED)
+            self.borders[name] = name + ROUNDED
+            self._append_rounding(name, name + ROUNDED)
+            if name not in self.constants:
+                self.activations.append(name + ROUNDED)
         return self.borders[name]
 
     def _append_rounding(self, source: str, target: str) -> None:
@@ -193,24 +191,15 @@ class _Fp16Emulation:
             helper.make_node("Cast", [source], [half], name=half, to=TensorProto.FLOAT16),
             helper.make_node("Cast", [half], [target], name=target + "::float", to=TensorProto.FLOAT),
         ]
-        self.activations.append(target)
-
-    def _rounded_initializer(self, name: str) -> str:
-        with np.errstate(over="ignore"):
-            rounded = numpy_helper.to_array(self.initializers[name]).astype(np.float16).astype(np.float32)
-        self.new_initializers.append(numpy_helper.from_array(rounded, name + ROUNDED))
-        return name + ROUNDED
-
-    def _used_initializers(self) -> List[onnx.TensorProto]:
-        used = {name for node in self.nodes for name in node.input}
-        return [t for t in self.source.graph.initializer if t.name in used] + self.new_initializers
 
 
 def _float_tensor_names(model: onnx.ModelProto) -> FrozenSet[str]:
     """Every float32 tensor of the graph, by ONNX type inference on the structure alone (weights as
     typed inputs: inference serialises the model, which fails past protobuf's 2 GB)."""
     graph = model.graph
-    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer]
+    declared = {i.name for i in graph.input}
+    weights = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+               for t in graph.initializer if t.name not in declared]
     skeleton = helper.make_model(
         helper.make_graph(graph.node, graph.name, list(graph.input) + weights, graph.output),
         opset_imports=model.opset_import,
@@ -272,46 +261,62 @@ def compare_fp16(
     graph: str = "", threads: Optional[int] = None,
 ) -> Fp16Report:
     """Run `onnx_path` in float32 and with FP16 storage under `plan` (default: the precision plan) on
-    ONNX Runtime CPU with the same inputs; both runs report statistics of the FP16 activations."""
-    model = onnx.load(str(onnx_path))
+    ONNX Runtime CPU with the same inputs; both runs report statistics of the FP16 activations.
+    The weights stay on disk: each run reads them from the graph's external data, one at a time."""
+    structure = onnx.load(str(onnx_path), load_external_data=False)
     label = "planned" if plan is None else ("unprotected" if not plan.fp32_nodes else "custom")
-    plan = PrecisionPlan.for_model(model) if plan is None else plan
-    output_names = [o.name for o in model.graph.output]
-    fp16, activations = emulate_fp16(model, plan)
+    plan = PrecisionPlan.for_model(structure) if plan is None else plan
+    output_names = [o.name for o in structure.graph.output]
+    fp16, activations = emulate_fp16(structure, plan)
     originals = list(dict.fromkeys(_unrounded_name(name) for name in activations))
-    reference = _run_with_statistics(add_statistics(model, originals), output_names, originals, inputs, threads)
-    del model
-    results = _run_with_statistics(add_statistics(fp16, activations), output_names, activations, inputs, threads)
-    outputs = [_diff(name, ref, out) for name, ref, out in zip(output_names, reference[0], results[0])]
-    return _report(graph or onnx_path.stem, label, plan, outputs, activations, results[1], reference[1])
+    run = Runner(onnx_path.parent, threads)
+    reference, fp32_stats = run.with_statistics(add_statistics(structure, originals), output_names, originals, inputs)
+    results, fp16_stats = run.with_statistics(add_statistics(fp16, activations), output_names, activations, inputs)
+    outputs = [_diff(name, ref, out) for name, ref, out in zip(output_names, reference, results)]
+    return _report(graph or onnx_path.stem, label, plan, outputs, activations, fp16_stats, fp32_stats)
 
 
 def _unrounded_name(activation: str) -> str:
     return activation[: -len(ROUNDED)] if activation.endswith(ROUNDED) else activation
 
 
-def _run_with_statistics(model: onnx.ModelProto, outputs: Sequence[str], tensors: Sequence[str],
-                         inputs: Mapping[str, np.ndarray], threads: Optional[int]):
-    """(graph outputs, {tensor: (absmax, nonfinite count)}); `model` is consumed."""
-    stat_names = [t + suffix for t in tensors for suffix in (ABSMAX_SUFFIX, NONFINITE_SUFFIX)]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        # Saving moves the weights into the external file in place: the proto is not usable after.
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
-        del model
-        results = _run(path, list(outputs) + stat_names, inputs, threads)
-    values = results[len(outputs):]
-    stats = {t: (float(values[2 * i]), float(values[2 * i + 1])) for i, t in enumerate(tensors)}
-    return results[: len(outputs)], stats
+@dataclass(frozen=True)
+class Runner:
+    """ONNX Runtime CPU sessions for in-memory graphs whose weights stay in the external data files
+    of `weights_dir` (read by the session, never copied or linked)."""
+
+    weights_dir: Path
+    threads: Optional[int] = None
+
+    def run(self, model: onnx.ModelProto, outputs: Sequence[str], inputs: Mapping[str, np.ndarray]):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                         str(self.weights_dir))
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run(list(outputs), dict(inputs))
+
+    def with_statistics(self, model: onnx.ModelProto, outputs: Sequence[str], tensors: Sequence[str],
+                        inputs: Mapping[str, np.ndarray]):
+        """(graph outputs, {tensor: max |x|}) of a model `add_statistics` prepared."""
+        results = self.run(model, list(outputs) + [t + ABSMAX_SUFFIX for t in tensors], inputs)
+        return results[: len(outputs)], {t: float(v) for t, v in zip(tensors, results[len(outputs):])}
 
 
 def _report(graph: str, label: str, plan: PrecisionPlan, outputs: List[OutputDiff], activations: List[str],
-            fp16: Dict[str, Tuple[float, float]], fp32: Dict[str, Tuple[float, float]]) -> Fp16Report:
-    overflows = [a for a in activations if fp16[a][1] > fp32[_unrounded_name(a)][1]]
-    largest = max(activations, key=lambda a: fp16[a][0]) if activations else ""
+            fp16: Dict[str, float], fp32: Dict[str, float]) -> Fp16Report:
+    """An overflow: a tensor whose max |x| is inf or NaN in FP16 but finite in FP32 (masking with
+    -inf is not one)."""
+    overflows = [a for a in activations if not np.isfinite(fp16[a]) and np.isfinite(fp32[_unrounded_name(a)])]
+    finite = [a for a in activations if np.isfinite(fp16[a])]
+    largest = max(finite, key=fp16.get) if finite else ""
     return Fp16Report(graph, label, len(plan.fp32_nodes), len(activations), outputs, largest,
-                      fp16[largest][0] if largest else 0.0, overflows[0] if overflows else None)
+                      fp16[largest] if largest else 0.0, overflows[0] if overflows else None)
 
 
 def _diff(name: str, reference: np.ndarray, actual: np.ndarray) -> OutputDiff:
@@ -320,18 +325,6 @@ def _diff(name: str, reference: np.ndarray, actual: np.ndarray) -> OutputDiff:
     max_abs = float(np.max(error)) if error.size else 0.0
     scale = float(np.max(np.abs(reference))) if reference.size else 0.0
     return OutputDiff(name, max_abs, max_abs / scale if scale > 0 else max_abs, finite)
-
-
-def _run(path: Path, outputs: Sequence[str], inputs: Mapping[str, np.ndarray],
-         threads: Optional[int]) -> List[np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(list(outputs), dict(inputs))
 
 
 def format_reports(reports: Iterable[Fp16Report]) -> str:

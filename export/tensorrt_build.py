@@ -1,6 +1,6 @@
 """Build one TensorRT engine per exported graph into the Triton model repository.
 
-    python -m export.tensorrt_build --onnx-dir build/onnx --repository model_repository \\
+    python -m export.tensorrt_build --onnx-dir build/onnx --repository build/model_repository_tensorrt \\
         [--graphs ...] [--fp32] [--timing-cache build/trt/timing.cache] [--workspace-gib 8] [--optional]
 
 For every graph: parse `<onnx-dir>/<graph>.onnx`, add one optimisation profile whose min / opt / max
@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Collection, Dict, List, Optional, Sequence, Tuple
 
 from evfsam.specs import GRAPHS, GRAPHS_BY_NAME, GraphSpec
 
@@ -90,7 +90,8 @@ def build_metadata(spec: GraphSpec, onnx_path: Path, options: BuildOptions, tens
         "precision": "fp16" if options.fp16 else "fp32",
         "fp32_layers": engine.fp32_layers,
         "max_batch_size": spec.max_batch_size,
-        "profile": {name: {k: list(v) for k, v in shapes.items()} for name, shapes in optimization_profile(spec).items()},
+        "profile": {name: {point: list(shape) for point, shape in shapes.items()}
+                    for name, shapes in optimization_profile(spec).items()},
         "inputs": {t.name: t.dtype for t in spec.inputs},
         "outputs": {t.name: t.dtype for t in spec.outputs},
         "onnx": {"file": onnx_path.name, "sha256": file_digest(onnx_path)},
@@ -100,7 +101,7 @@ def build_metadata(spec: GraphSpec, onnx_path: Path, options: BuildOptions, tens
     }
 
 
-def onnx_node_of(layer_name: str, metadata: str, node_names: Sequence[str]) -> Optional[str]:
+def onnx_node_of(layer_name: str, metadata: str, node_names: Collection[str]) -> Optional[str]:
     """The ONNX node a TensorRT layer was made from: the parser's "[ONNX Layer: <node>]" metadata, or
     the layer name (the parser names a node's layers `<node>` and `<node>_<n>`)."""
     match = ONNX_LAYER.search(metadata or "")
@@ -113,8 +114,8 @@ def onnx_node_of(layer_name: str, metadata: str, node_names: Sequence[str]) -> O
 
 
 def trtexec_command(spec: GraphSpec, onnx_path: Path, repository: Path, options: BuildOptions,
-                    plan: Optional[PrecisionPlan] = None) -> List[str]:
-    """The `trtexec` equivalent of a build (layer precisions by ONNX node name)."""
+                    fp32_layers: Sequence[str] = ()) -> List[str]:
+    """The `trtexec` equivalent of a build; `fp32_layers` by ONNX node name (see `fp32_layer_names`)."""
     profile = optimization_profile(spec)
     shapes = {which: ",".join(f"{name}:{'x'.join(map(str, s[which]))}" for name, s in profile.items())
               for which in PROFILE_POINTS}
@@ -127,9 +128,15 @@ def trtexec_command(spec: GraphSpec, onnx_path: Path, repository: Path, options:
         command.append(f"--timingCacheFile={options.timing_cache}")
     if options.fp16:
         command += ["--fp16", "--precisionConstraints=obey"]
-        if plan and plan.fp32_nodes:
-            command.append("--layerPrecisions=" + ",".join(f"{n}:fp32" for n in sorted(plan.fp32_nodes)))
+        if fp32_layers:
+            command.append("--layerPrecisions=" + ",".join(f"{name}:fp32" for name in fp32_layers))
     return command
+
+
+def fp32_layer_names(model) -> List[str]:
+    """The plan's nodes that become TensorRT layers (Constant nodes become weights), in graph order."""
+    plan = PrecisionPlan.for_model(model)
+    return [n.name for n in model.graph.node if plan.keeps_fp32(n.name) and n.op_type != "Constant"]
 
 
 def gpu_description() -> Dict[str, str]:
@@ -182,23 +189,22 @@ def build_engine(trt, spec: GraphSpec, onnx_path: Path, options: BuildOptions) -
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         fp32_layers = pin_fp32_layers(trt, network, PrecisionPlan.for_model(_graph_structure(onnx_path)))
-    cache = _load_timing_cache(config, options.timing_cache)
+    _load_timing_cache(config, options.timing_cache)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError(f"{spec.name}: TensorRT could not build the engine:\n" + "\n".join(logger.errors))
-    _save_timing_cache(cache, options.timing_cache)
+    _save_timing_cache(config.get_timing_cache(), options.timing_cache)
     return BuiltEngine(bytes(serialized), fp32_layers, time.time() - started)
 
 
 def pin_fp32_layers(trt, network, plan: PrecisionPlan) -> List[str]:
     """Constrain the layers made from the plan's FP32 nodes, and every normalisation / softmax layer,
     to FP32 compute and FP32 float outputs.  Returns the pinned layer names."""
-    node_names = sorted(plan.fp32_nodes)
     always_fp32 = {trt.LayerType.NORMALIZATION, trt.LayerType.SOFTMAX}
     pinned = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
-        node = onnx_node_of(layer.name, getattr(layer, "metadata", ""), node_names)
+        node = onnx_node_of(layer.name, getattr(layer, "metadata", ""), plan.fp32_nodes)
         if layer.type not in always_fp32 and not (node and plan.keeps_fp32(node)):
             continue
         float_outputs = [j for j in range(layer.num_outputs)
@@ -233,15 +239,12 @@ def _check_network_io(spec: GraphSpec, network) -> None:
                          f"{list(spec.input_names)} / {list(spec.output_names)}")
 
 
-def _load_timing_cache(config, path: Optional[Path]):
+def _load_timing_cache(config, path: Optional[Path]) -> None:
     blob = path.read_bytes() if path and path.exists() else b""
-    cache = config.create_timing_cache(blob)
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
+    if not config.set_timing_cache(config.create_timing_cache(blob), ignore_mismatch=False):
         print(f"warning: timing cache {path} is from another GPU or TensorRT version; starting a new one",
               file=sys.stderr)
-        cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
-    return cache
+        config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
 
 def _save_timing_cache(cache, path: Optional[Path]) -> None:
@@ -275,8 +278,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export.tensorrt_build", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--onnx-dir", type=Path, default=Path("build/onnx"))
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"),
-                        help="Triton model repository; plans go to <repository>/<graph>/1/")
+    parser.add_argument("--repository", type=Path, default=Path("build/model_repository_tensorrt"),
+                        help="Triton model repository (python -m serving.repository --flavor tensorrt); "
+                             "plans go to <repository>/<graph>/1/")
     parser.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS_BY_NAME), default=[g.name for g in GRAPHS])
     parser.add_argument("--fp32", action="store_true", help="build FP32 engines (no FP16 layers)")
     parser.add_argument("--timing-cache", type=Path, default=Path("build/trt/timing.cache"))
@@ -299,8 +303,8 @@ def main(argv=None) -> int:
     if args.print_trtexec:
         for spec in specs:
             onnx_path = args.onnx_dir / spec.onnx_file
-            plan = PrecisionPlan.for_model(_graph_structure(onnx_path)) if options.fp16 else None
-            print(" ".join(trtexec_command(spec, onnx_path, args.repository, options, plan)))
+            fp32_layers = fp32_layer_names(_graph_structure(onnx_path)) if options.fp16 else []
+            print(" ".join(trtexec_command(spec, onnx_path, args.repository, options, fp32_layers)))
         return EXIT_OK
     trt = import_tensorrt()
     if trt is None:

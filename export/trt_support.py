@@ -53,7 +53,10 @@ CONSTANT_INPUTS: Dict[str, int] = {
                         "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare")},  # axes (opset >= 18)
 }
 # DOUBLE is cast down to FLOAT with clamping; UINT8 only as a network input or output.
-PARTLY_SUPPORTED_TYPES = {TensorProto.DOUBLE: "DOUBLE (cast down to FLOAT)", TensorProto.UINT8: "UINT8 inside the network"}
+PARTLY_SUPPORTED_TYPES = {
+    TensorProto.DOUBLE: "DOUBLE (cast down to FLOAT)",
+    TensorProto.UINT8: "UINT8 inside the network",
+}
 ONE_OUTPUT_OPS = frozenset({"LayerNormalization"})  # only the first output `Y` is supported
 
 

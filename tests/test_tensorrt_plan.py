@@ -1,0 +1,492 @@
+"""The TensorRT path without TensorRT: profiles, operator support, the FP16 precision plan (checked on
+ONNX Runtime with FP16 storage emulated), the builder's command line, and the builder's flow against a
+stand-in for the `tensorrt` module (which checks this code, not TensorRT)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from evfsam.specs import BATCH, GRAPHS, GRAPHS_BY_NAME, SAM_IMAGE_ENCODER, TOKENIZER_FILE
+from export import tensorrt_build as tb
+from export.precision import (FP16_MAX, PrecisionPlan, add_statistics, compare_fp16, emulate_fp16, format_reports,
+                              keeps_fp32)
+from export.trt_support import TENSORRT_VERSION, unsupported, unsupported_ops
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FP16_REL_TOLERANCE = 1e-2  # max |fp16 - fp32| / max |fp32| per output
+
+
+# ---------------------------------------------------------------------------------------------------
+# fixtures: a tiny random-weight checkpoint and its three graphs, built here in tmp dirs
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from evfsam.checkpoint import load_evf_sam
+    from export.tiny_checkpoint import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("trt_tiny_checkpoint"))
+    model, config, directory = load_evf_sam(checkpoint)
+    return model, config, directory
+
+
+@pytest.fixture(scope="module")
+def tiny_graphs(tiny_model, tmp_path_factory) -> Path:
+    from evfsam.tokenization import write_tokenizer_json
+    from export.onnx_export import export_graph
+
+    model, config, directory = tiny_model
+    out = tmp_path_factory.mktemp("trt_tiny_onnx")
+    for spec in GRAPHS:
+        export_graph(model, spec, out, vocab_size=config.beit3.vocab_size)
+    write_tokenizer_json(directory, out / TOKENIZER_FILE)
+    return out
+
+
+def sample(spec, config, seed=0, batch=2) -> Dict[str, np.ndarray]:
+    return spec.sample_inputs(np.random.default_rng(seed), {BATCH: batch}, config.beit3.vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------------
+# profiles: the engines and their Triton configurations come from the same spec
+
+
+@pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
+def test_profile_covers_spec_axes(spec):
+    profile = tb.optimization_profile(spec)
+    assert list(profile) == list(spec.input_names)
+    for tensor in spec.inputs:
+        shapes = profile[tensor.name]
+        assert shapes["min"][0] == spec.axes[BATCH].min and shapes["max"][0] == spec.max_batch_size
+        for axis, dim in enumerate(tensor.shape):
+            low, opt, high = (shapes[p][axis] for p in tb.PROFILE_POINTS)
+            assert low <= opt <= high
+            if isinstance(dim, int):
+                assert low == opt == high == dim
+            else:
+                assert (low, opt, high) == (spec.axes[dim].min, spec.axes[dim].opt, spec.axes[dim].max)
+
+
+@pytest.fixture(scope="module")
+def tensorrt_repository(tiny_graphs, tmp_path_factory) -> Path:
+    pytest.importorskip("serving.repository")
+    out = tmp_path_factory.mktemp("trt_repository") / "repo"
+    command = [sys.executable, "-m", "serving.repository", "--flavor", "tensorrt",
+               "--onnx-dir", str(tiny_graphs), "--output", str(out)]
+    subprocess.run(command, check=True, cwd=REPO_ROOT, capture_output=True, text=True)
+    return out
+
+
+def read_config(path: Path):
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    from google.protobuf import text_format
+
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
+def test_tensorrt_model_config_agrees_with_profile(tensorrt_repository, spec):
+    config = read_config(tensorrt_repository / spec.name / "config.pbtxt")
+    profile = tb.optimization_profile(spec)
+    assert config.platform == "tensorrt_plan"
+    assert config.max_batch_size == profile[spec.input_names[0]]["max"][0] == spec.max_batch_size
+    assert max(config.dynamic_batching.preferred_batch_size) <= config.max_batch_size
+    assert Path(tb.plan_path(tensorrt_repository, spec)).parent.is_dir()
+    for entry in config.input:
+        shapes = profile[entry.name]
+        expected = [-1 if shapes["min"][axis] != shapes["max"][axis] else shapes["max"][axis]
+                    for axis in range(1, len(shapes["max"]))]
+        assert list(entry.dims) == expected, entry.name
+    for warmup in config.model_warmup:
+        for name, tensor in warmup.inputs.items():
+            shapes = profile[name]
+            full = [warmup.batch_size] + list(tensor.dims)
+            assert all(lo <= d <= hi for d, lo, hi in zip(full, shapes["min"], shapes["max"])), name
+
+
+# ---------------------------------------------------------------------------------------------------
+# operator support for the targeted TensorRT
+
+
+@pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
+def test_exported_graphs_use_only_supported_operators(tiny_graphs, spec):
+    findings = unsupported_ops(tiny_graphs / spec.onnx_file)
+    assert not findings, f"not parseable by TensorRT {TENSORRT_VERSION}:\n" + "\n".join(map(str, findings))
+
+
+def test_support_check_reports_unknown_ops_opsets_and_types():
+    nodes = [helper.make_node("Unique", ["x"], ["u"], name="/u/Unique"),
+             helper.make_node("Cast", ["x"], ["d"], name="/c/Cast", to=TensorProto.DOUBLE),
+             helper.make_node("Unsqueeze", ["x", "axes"], ["y"], name="/s/Unsqueeze")]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3]),
+         helper.make_tensor_value_info("axes", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("u", "y")],
+        value_info=[helper.make_tensor_value_info("d", TensorProto.DOUBLE, [3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    problems = {(f.node, f.problem.split()[0]) for f in unsupported(model)}
+    assert ("/u/Unique", "operator") in problems
+    assert ("/s/Unsqueeze", "input") in problems  # axes must be a build-time constant
+    assert ("d", "DOUBLE") in problems
+    assert ("<model>", "opset") in problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# the precision plan
+
+
+def test_precision_rule():
+    assert keeps_fp32("LayerNormalization", "/blocks.0/norm1/LayerNormalization")
+    assert keeps_fp32("Softmax", "/blocks.0/attn/Softmax")
+    assert keeps_fp32("Conv", "/image_encoder/neck/neck.0/Conv")
+    assert keeps_fp32("Sub", "/up/up.1/Sub", norm_scopes={"/up/up.1/"})
+    assert not keeps_fp32("MatMul", "/blocks.0/attn/MatMul")
+    assert not keeps_fp32("Conv", "/image_encoder/patch_embed/proj/Conv")
+
+
+def fp32_ops(path: Path) -> Dict[str, str]:
+    model = onnx.load(str(path))
+    plan = PrecisionPlan.for_model(model)
+    return {n.name: n.op_type for n in model.graph.node if plan.keeps_fp32(n.name)}
+
+
+def test_plan_keeps_norms_softmax_and_sam_neck_fp32(tiny_graphs):
+    model = onnx.load(str(tiny_graphs / SAM_IMAGE_ENCODER.onnx_file))
+    kept = fp32_ops(tiny_graphs / SAM_IMAGE_ENCODER.onnx_file)
+    for node in model.graph.node:
+        if node.op_type in ("LayerNormalization", "Softmax") or "/neck/" in node.name:
+            assert node.name in kept, node.name
+        if node.op_type in ("MatMul", "Einsum", "Erf"):  # the attention / MLP compute stays FP16
+            assert node.name not in kept, node.name
+    decoder = fp32_ops(tiny_graphs / GRAPHS_BY_NAME["prompt_mask_decoder"].onnx_file)
+    layer_norm_2d = {name for name in decoder if name.startswith("/output_upscaling/output_upscaling.1/")}
+    assert {"Pow", "Sqrt", "Div", "Sub"} <= {decoder[name] for name in layer_norm_2d}
+    assert not any(op in ("MatMul", "Gemm", "ConvTranspose") for op in decoder.values())
+
+
+def square_model(value_name="y") -> onnx.ModelProto:
+    node = helper.make_node("Mul", ["x", "x"], [value_name], name="/block/Mul")
+    graph = helper.make_graph([node], "square", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info(value_name, TensorProto.FLOAT, [2])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def run_model(model: onnx.ModelProto, inputs, outputs=None):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(outputs, inputs)
+
+
+def test_emulation_stores_fp16_outside_the_plan_and_fp32_inside():
+    x = {"x": np.array([300.0, 1.0 / 3.0], np.float32)}  # 300^2 > 65504
+    fp16, activations = emulate_fp16(square_model(), PrecisionPlan.unprotected())
+    assert activations == ["x::fp16", "y"]  # the input entering the FP16 region, the product
+    squared, absmax = run_model(add_statistics(fp16, ["y"]), x, ["y", "y::absmax"])
+    assert np.isinf(squared[0]) and np.isinf(absmax)
+    assert squared[1] == np.float32(np.float16(np.float16(1 / 3) ** 2))
+    kept, activations = emulate_fp16(square_model(), PrecisionPlan(frozenset({"/block/Mul"})))
+    assert activations == [] and run_model(kept, x)[0][0] == 90000.0
+
+
+@pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
+def test_fp16_plan_is_finite_and_close_to_fp32(tiny_graphs, tiny_model, spec):
+    inputs = sample(spec, tiny_model[1])
+    report = compare_fp16(tiny_graphs / spec.onnx_file, inputs, graph=spec.name)
+    print("\n" + format_reports([report]))
+    assert report.ok, f"FP16 overflow in {report.first_overflow}"
+    assert report.largest_fp16_value < FP16_MAX / 16
+    for output in report.outputs:
+        assert output.max_rel < FP16_REL_TOLERANCE, output
+
+
+@pytest.fixture(scope="module")
+def large_activation_encoder(tiny_model, tmp_path_factory) -> Path:
+    """The tiny SAM encoder with a residual stream in the hundreds (the scale of the outlier
+    channels of large ViTs): its positional embedding scaled x1000."""
+    import copy
+
+    import torch
+
+    from export.onnx_export import export_graph
+
+    model = copy.deepcopy(tiny_model[0])
+    with torch.no_grad():
+        model.visual_model.image_encoder.pos_embed.mul_(1000.0)
+    return export_graph(model, SAM_IMAGE_ENCODER, tmp_path_factory.mktemp("trt_large_activations"))
+
+
+def test_plan_prevents_the_neck_overflow_of_an_unprotected_fp16_encoder(large_activation_encoder, tiny_model):
+    inputs = sample(SAM_IMAGE_ENCODER, tiny_model[1], batch=1)
+    planned = compare_fp16(large_activation_encoder, inputs)
+    naive = compare_fp16(large_activation_encoder, inputs, PrecisionPlan.unprotected())
+    print("\n" + format_reports([planned, naive]))
+    assert planned.ok and planned.outputs[0].max_rel < FP16_REL_TOLERANCE
+    # Unprotected, (x - u)^2 of SAM's LayerNorm2d overflows in the neck: the output stays finite
+    # (x / sqrt(inf) = 0) but is wrong, which nothing downstream would notice.
+    assert naive.first_overflow and "/neck/" in naive.first_overflow
+    assert naive.outputs[0].max_rel > 0.1
+
+
+@pytest.mark.slow
+def test_fp16_plan_on_full_size_random_weights(tmp_path_factory):
+    """SAM ViT-H + BEiT-3 large with random weights: 8 minutes and 17 GB peak RAM on 2 cores (the
+    checkpoint and the export; the comparisons alone take ~9 GB)."""
+    from evfsam.checkpoint import load_evf_sam
+    from export.onnx_export import export_graph
+    from export.tiny_checkpoint import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("trt_full_checkpoint"), size="full")
+    model, config, _ = load_evf_sam(checkpoint)
+    out = tmp_path_factory.mktemp("trt_full_onnx")
+    paths = {spec.name: export_graph(model, spec, out, vocab_size=config.beit3.vocab_size) for spec in GRAPHS}
+    del model
+    reports = []
+    for spec in GRAPHS:
+        inputs = sample(spec, config, batch=1)
+        reports.append(compare_fp16(paths[spec.name], inputs, graph=spec.name, threads=2))
+        reports.append(compare_fp16(paths[spec.name], inputs, PrecisionPlan.unprotected(), spec.name, threads=2))
+    print("\n" + format_reports(reports))
+    for report in reports[::2]:
+        assert report.ok and all(o.max_rel < FP16_REL_TOLERANCE for o in report.outputs), report
+
+
+# ---------------------------------------------------------------------------------------------------
+# the builder's command line
+
+
+def run_builder(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "export.tensorrt_build", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True)
+
+
+@pytest.mark.skipif(tb.import_tensorrt() is not None, reason="TensorRT is installed here")
+def test_builder_without_tensorrt_exits_3_or_0_when_optional(tiny_graphs, tmp_path):
+    args = ["--onnx-dir", str(tiny_graphs), "--repository", str(tmp_path / "repo")]
+    missing = run_builder(*args)
+    assert missing.returncode == tb.EXIT_NO_TENSORRT == 3
+    assert "TensorRT is not importable" in missing.stderr
+    optional = run_builder(*args, "--optional")
+    assert optional.returncode == 0 and "TensorRT is not importable" in optional.stderr
+    assert not (tmp_path / "repo").exists()
+
+
+def test_builder_exits_2_on_missing_onnx(tmp_path):
+    result = run_builder("--onnx-dir", str(tmp_path), "--repository", str(tmp_path / "repo"))
+    assert result.returncode == tb.EXIT_MISSING_ONNX
+    assert SAM_IMAGE_ENCODER.onnx_file in result.stderr
+
+
+def test_print_trtexec_uses_the_profile_and_the_plan(tiny_graphs, tmp_path):
+    spec = GRAPHS_BY_NAME["beit3_fusion_encoder"]
+    result = run_builder("--onnx-dir", str(tiny_graphs), "--repository", str(tmp_path),
+                         "--graphs", spec.name, "--print-trtexec")
+    assert result.returncode == 0, result.stderr
+    shapes = spec.profile_shapes("max")
+    expected = ",".join(f"{name}:{'x'.join(map(str, shapes[name]))}" for name in spec.input_names)
+    assert f"--maxShapes={expected}" in result.stdout
+    layer_norms = [n for n, op in fp32_ops(tiny_graphs / spec.onnx_file).items() if op == "LayerNormalization"]
+    assert layer_norms and f"{layer_norms[0]}:fp32" in result.stdout
+    assert "--precisionConstraints=obey" in result.stdout
+    assert "Constant" not in result.stdout.split("--layerPrecisions=")[1]
+
+
+def test_onnx_node_of_layer():
+    nodes = ["/a/LayerNormalization", "/a/Add_1"]
+    assert tb.onnx_node_of("whatever", "[ONNX Layer: /a/LayerNormalization]", nodes) == nodes[0]
+    assert tb.onnx_node_of("/a/Add_1", "", nodes) == "/a/Add_1"
+    assert tb.onnx_node_of("/a/LayerNormalization_3", "", nodes) == nodes[0]
+    assert tb.onnx_node_of("ONNXTRT_helper", "", nodes) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the builder's flow against a stand-in `tensorrt` module
+
+
+class FakeLayer:
+    def __init__(self, name: str, layer_type: str, metadata: str, output_dtypes: List[str]):
+        self.name, self.type, self.metadata = name, layer_type, metadata
+        self._dtypes = list(output_dtypes)
+        self.precision = None
+        self.output_types: Dict[int, str] = {}
+
+    @property
+    def num_outputs(self):
+        return len(self._dtypes)
+
+    def get_output(self, i):
+        return types.SimpleNamespace(dtype=self._dtypes[i])
+
+    def set_output_type(self, i, dtype):
+        self.output_types[i] = dtype
+
+
+class FakeNetwork:
+    def __init__(self):
+        self.inputs, self.outputs, self.layers = [], [], []
+
+    num_inputs = property(lambda self: len(self.inputs))
+    num_outputs = property(lambda self: len(self.outputs))
+    num_layers = property(lambda self: len(self.layers))
+
+    def get_input(self, i):
+        return types.SimpleNamespace(name=self.inputs[i])
+
+    def get_output(self, i):
+        return types.SimpleNamespace(name=self.outputs[i])
+
+    def get_layer(self, i):
+        return self.layers[i]
+
+
+LAYER_TYPES = {"LayerNormalization": "NORMALIZATION", "Softmax": "SOFTMAX"}
+
+
+def fake_tensorrt(parse_error: str = "", build_error: str = "") -> types.ModuleType:
+    """Just the API surface export/tensorrt_build.py uses; the parser makes one layer per ONNX node
+    (plus an unnamed-metadata helper layer `<node>_1` per normalisation, as the real parser does)."""
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = TENSORRT_VERSION
+    trt.float32, trt.float16, trt.int64 = "float32", "float16", "int64"
+    trt.LayerType = types.SimpleNamespace(NORMALIZATION="NORMALIZATION", SOFTMAX="SOFTMAX", CONSTANT="CONSTANT")
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY")
+    trt.ILogger = type("ILogger", (), {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3,
+                                       "__init__": lambda self: None})
+    trt.built = {}
+
+    class Parser:
+        def __init__(self, network, logger):
+            self.network, self.num_errors = network, 1 if parse_error else 0
+
+        def get_error(self, i):
+            return parse_error
+
+        def parse_from_file(self, path):
+            if parse_error:
+                return False
+            graph = onnx.load(path, load_external_data=False).graph
+            self.network.inputs = [i.name for i in graph.input]
+            self.network.outputs = [o.name for o in graph.output]
+            for node in graph.node:
+                if node.op_type == "Constant":
+                    continue
+                dtype = "int64" if node.op_type in ("Shape", "Equal") else "float32"
+                layer_type = LAYER_TYPES.get(node.op_type, node.op_type.upper())
+                self.network.layers.append(FakeLayer(node.name, layer_type, f"[ONNX Layer: {node.name}]", [dtype]))
+                if layer_type == "NORMALIZATION":
+                    self.network.layers.append(FakeLayer(node.name + "_1", "SHUFFLE", "", ["float32"]))
+            return True
+
+    class Config:
+        def __init__(self):
+            self.flags, self.profiles = set(), []
+
+        def set_memory_pool_limit(self, pool, size):
+            self.workspace = size
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile)
+
+        def set_flag(self, flag):
+            self.flags.add(flag)
+
+        def create_timing_cache(self, blob):
+            return types.SimpleNamespace(serialize=lambda: blob + b"+timing")
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.timing_cache = cache
+            return True
+
+        def get_timing_cache(self):
+            return self.timing_cache
+
+    class Builder:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def create_network(self, flags):
+            return FakeNetwork()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return types.SimpleNamespace(shapes={}, set_shape=lambda name, *s: profile_shapes.__setitem__(name, s))
+
+        def build_serialized_network(self, network, config):
+            if build_error:
+                self.logger.log(trt.ILogger.ERROR, build_error)
+                return None
+            trt.built.update(network=network, config=config, profile=dict(profile_shapes))
+            return b"plan-bytes"
+
+    profile_shapes: Dict[str, tuple] = {}
+    trt.Builder, trt.OnnxParser = Builder, Parser
+    return trt
+
+
+def build_with(monkeypatch, trt, tiny_graphs, tmp_path, *extra) -> int:
+    monkeypatch.setattr(tb, "import_tensorrt", lambda: trt)
+    return tb.main(["--onnx-dir", str(tiny_graphs), "--repository", str(tmp_path / "repo"),
+                    "--timing-cache", str(tmp_path / "timing.cache"), *extra])
+
+
+def test_builder_writes_plan_metadata_and_timing_cache(monkeypatch, tiny_graphs, tmp_path):
+    from export.onnx_export import file_digest
+
+    trt = fake_tensorrt()
+    assert build_with(monkeypatch, trt, tiny_graphs, tmp_path, "--graphs", SAM_IMAGE_ENCODER.name) == 0
+    repo = tmp_path / "repo"
+    assert tb.plan_path(repo, SAM_IMAGE_ENCODER).read_bytes() == b"plan-bytes"
+    metadata = json.loads(tb.metadata_path(repo, SAM_IMAGE_ENCODER).read_text())
+    assert metadata["tensorrt_version"] == TENSORRT_VERSION and metadata["precision"] == "fp16"
+    assert metadata["max_batch_size"] == SAM_IMAGE_ENCODER.max_batch_size
+    assert metadata["onnx"]["sha256"] == file_digest(tiny_graphs / SAM_IMAGE_ENCODER.onnx_file)
+    profile = tb.optimization_profile(SAM_IMAGE_ENCODER)
+    assert metadata["profile"] == {n: {k: list(v) for k, v in s.items()} for n, s in profile.items()}
+    assert trt.built["profile"] == {n: tuple(s[p] for p in tb.PROFILE_POINTS) for n, s in profile.items()}
+    assert trt.built["config"].flags == {"FP16", "OBEY"}
+    assert (tmp_path / "timing.cache").read_bytes() == b"+timing"
+
+
+def test_builder_pins_the_precision_plan(monkeypatch, tiny_graphs, tmp_path):
+    trt = fake_tensorrt()
+    assert build_with(monkeypatch, trt, tiny_graphs, tmp_path, "--graphs", SAM_IMAGE_ENCODER.name) == 0
+    plan = PrecisionPlan.for_model(onnx.load(str(tiny_graphs / SAM_IMAGE_ENCODER.onnx_file)))
+    for layer in trt.built["network"].layers:
+        node = tb.onnx_node_of(layer.name, layer.metadata, plan.fp32_nodes)
+        should_pin = (node is not None and plan.keeps_fp32(node)) and layer.get_output(0).dtype == "float32"
+        assert (layer.precision == "float32") == should_pin, layer.name
+        assert (layer.output_types == {0: "float32"}) == should_pin, layer.name
+    helpers = [layer for layer in trt.built["network"].layers if layer.type == "SHUFFLE"]
+    assert helpers and all(layer.precision == "float32" for layer in helpers)
+    metadata = json.loads(tb.metadata_path(tmp_path / "repo", SAM_IMAGE_ENCODER).read_text())
+    assert set(metadata["fp32_layers"]) == {l.name for l in trt.built["network"].layers if l.precision}
+
+
+def test_builder_fp32_pins_nothing(monkeypatch, tiny_graphs, tmp_path):
+    trt = fake_tensorrt()
+    assert build_with(monkeypatch, trt, tiny_graphs, tmp_path, "--graphs", SAM_IMAGE_ENCODER.name, "--fp32") == 0
+    assert not trt.built["config"].flags
+    assert not any(layer.precision for layer in trt.built["network"].layers)
+
+
+@pytest.mark.parametrize("failure", ["parse", "build"])
+def test_builder_failure_exits_1_with_tensorrt_message(monkeypatch, tiny_graphs, tmp_path, capsys, failure):
+    message = f"fake TensorRT {failure} error: In node 12 (importFoo): UNSUPPORTED_NODE"
+    trt = fake_tensorrt(**{f"{failure}_error": message})
+    assert build_with(monkeypatch, trt, tiny_graphs, tmp_path) == tb.EXIT_BUILD_FAILED
+    assert message in capsys.readouterr().err
+    assert not tb.plan_path(tmp_path / "repo", SAM_IMAGE_ENCODER).exists()
