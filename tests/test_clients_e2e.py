@@ -239,9 +239,10 @@ def test_the_other_protocols_port_is_reported(triton_server, protocol):
 # its cancellation handling; triton-inference-server/server#7368, fixed in 2.53), and a client-side
 # deadline is such a cancellation.  So against the shared server, gRPC timeouts are provoked before
 # any inference starts; the HTTP endpoint does not cancel, so there the inference itself is too slow.
-# (tests/test_clients_unit.py times gRPC out against a server that never answers.)
+# gRPC deadlines are rounded, so even a 1e-6 s deadline can let a fast metadata call through and then
+# cancel an inference: gRPC timeouts are tested only against a server that never answers
+# (tests/test_clients_unit.py).
 INFERENCE_TIMEOUT_S = 0.1  # the tiny model takes ~0.5 s per request on 2 CPU cores, metadata < 1 ms
-CONNECT_TIMEOUT_S = 1e-6  # expires before the metadata request is answered
 
 
 def test_a_slow_inference_times_out_over_http(triton_server, photo):
@@ -263,13 +264,6 @@ def test_a_slow_inference_times_out_over_http_async(triton_server, photo):
 
     with pytest.raises(RequestTimeout, match=f"within {INFERENCE_TIMEOUT_S:g} s"):
         asyncio.run(segment())
-
-
-def test_a_slow_grpc_answer_times_out(triton_server):
-    url = triton_server.grpc_url
-    with pytest.raises(RequestTimeout) as error:
-        SegmentationClient(url, protocol="grpc", timeout=CONNECT_TIMEOUT_S)
-    assert str(error.value) == f"no answer from the Triton server at {url} over grpc within {CONNECT_TIMEOUT_S:g} s"
 
 
 # ---------------------------------------------------------------- command line
@@ -347,7 +341,7 @@ def test_cli_wrong_port_exits_3(triton_server, photo, tmp_path):
     assert done.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("protocol, timeout", [("http", INFERENCE_TIMEOUT_S), ("grpc", CONNECT_TIMEOUT_S)])
+@pytest.mark.parametrize("protocol, timeout", [("http", INFERENCE_TIMEOUT_S)])
 def test_cli_timeout_exits_4(triton_server, tmp_path, protocol, timeout):
     # A fresh image: a cached one is answered by evf_sam_prompts in about the timeout itself.
     path = tmp_path / "uncached.png"

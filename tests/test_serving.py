@@ -290,6 +290,7 @@ def test_serve_command_restarts_a_crashed_server(model_repository, tmp_path):
     ready = f"http://127.0.0.1:{http}/v2/health/ready"
     try:
         _wait_until_ready(ready, process)
+        _wait_for_log(log_path, b"EVF-SAM is being served", process)  # the launcher saw it ready too
         server_pid = int(subprocess.run(["pgrep", "-P", str(process.pid), "tritonserver"],
                                         capture_output=True, text=True).stdout.split()[0])
         os.kill(server_pid, signal.SIGSEGV)
@@ -307,3 +308,13 @@ def test_serve_command_restarts_a_crashed_server(model_repository, tmp_path):
         if process.poll() is None:
             process.kill()
     assert b"restarting tritonserver" in log_path.read_bytes()
+
+
+def _wait_for_log(path, text, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, "serve command exited early"
+        if text in path.read_bytes():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{text!r} not in {path}")
