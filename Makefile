@@ -85,3 +85,4 @@ clean:
 	rm -rf $(BUILD) demo_output
 
 -include docker/docker.mk
+-include benchmarks/bench.mk

@@ -1,0 +1,130 @@
+"""PNG plots of a results.json (matplotlib, no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
+
+from evfsam.specs import EVF_SAM  # noqa: E402
+
+from .inprocess import STAGES  # noqa: E402
+from .measure import EAGER, ORT  # noqa: E402
+from .report import point_at  # noqa: E402
+
+PERCENTILE_KEYS = ("p50_ms", "p90_ms", "p95_ms", "p99_ms")
+
+
+def _plain_log_axis(axis) -> None:
+    """Log scale ticked at 1, 2, 5 x 10^k and labelled as plain numbers."""
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path.name
+
+
+def throughput_vs_concurrency(results: Dict, path: Path) -> str:
+    models = results["triton"]["models"]
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    for model, points in models.items():
+        ax.plot([p["concurrency"] for p in points], [p["throughput"] for p in points], marker="o",
+                linewidth=2.5 if model == EVF_SAM.name else 1.2, label=model)
+    side = results["inprocess"]["side_by_side"]
+    for name, style in ((EAGER, ":"), (ORT, "--")):
+        ax.axhline(side[name]["stats"]["throughput"], linestyle=style, color="gray",
+                   label=f"{name} in-process, 1 stream (full pipeline)")
+    ax.set(xlabel="concurrent requests (perf_analyzer)", ylabel="inferences / s", yscale="log",
+           title="Throughput vs concurrency (Triton)")
+    ax.set_xticks(sorted({p["concurrency"] for pts in models.values() for p in pts}))
+    _plain_log_axis(ax.yaxis)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def latency_percentiles(results: Dict, path: Path) -> str:
+    side = results["inprocess"]["side_by_side"]
+    groups = {"(a) eager": side[EAGER]["stats"], "(b) ORT": side[ORT]["stats"]}
+    for p in results.get("triton", {}).get("models", {}).get(EVF_SAM.name, []):
+        groups[f"(c) Triton c={p['concurrency']}"] = p
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    width = 0.8 / len(PERCENTILE_KEYS)
+    for i, key in enumerate(PERCENTILE_KEYS):
+        ax.bar([g + i * width for g in range(len(groups))], [s[key] for s in groups.values()], width,
+               label=key.replace("_ms", ""))
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], list(groups), fontsize=8)
+    ax.set(ylabel="latency per request, ms", title="End-to-end latency percentiles (file bytes + prompt -> mask)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def stage_breakdown(results: Dict, path: Path) -> str:
+    stages = results["inprocess"]["stages_ms"]
+    bars: Dict[str, List[float]] = {"(a) eager": [stages[EAGER][s] for s in STAGES],
+                                    "(b) ORT": [stages[ORT][s] for s in STAGES]}
+    single = point_at(results.get("triton", {}).get("models", {}).get(EVF_SAM.name, []), 1)
+    if single:
+        bars["(c) Triton c=1"] = [single["server"].get(s, {}).get("avg_latency_ms", 0.0) for s in STAGES]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    for row, (name, values) in enumerate(bars.items()):
+        left = 0.0
+        for stage, value in zip(STAGES, values):
+            ax.barh(row, value, left=left, color=f"C{STAGES.index(stage)}", label=stage if row == 0 else None)
+            left += value
+    ax.set_yticks(range(len(bars)), list(bars))
+    ax.invert_yaxis()
+    ax.set(xlabel="ms per request (one at a time)", title="Per-stage breakdown")
+    ax.legend(fontsize=7, ncol=len(STAGES), loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, path)
+
+
+def batch_scaling(results: Dict, path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for graph, by_batch in results["batch_scaling"].items():
+        sizes = [int(b) for b in by_batch]
+        ax.plot(sizes, [by_batch[str(b)]["throughput"] for b in sizes], marker="o", label=graph)
+    ax.set(xlabel="batch size", ylabel="items / s", yscale="log", title="Batch-size scaling (in-process ORT)")
+    ax.set_xticks(sizes)
+    _plain_log_axis(ax.yaxis)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def prompt_scaling(results: Dict, path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, by_count in results["prompt_scaling"].items():
+        counts = [int(c) for c in by_count]
+        ax.plot(counts, [by_count[str(c)]["mean_ms"] / 1000 for c in counts], marker="o",
+                linestyle="-" if name.endswith("encoder_once") else "--", label=name)
+    ax.set(xlabel="prompts on one image", ylabel="seconds for all prompts", xscale="log", yscale="log",
+           title="Cost of N prompts on one image")
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    _plain_log_axis(ax.yaxis)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def write_all(results: Dict, out_dir: Path) -> List[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [latency_percentiles(results, out_dir / "latency_percentiles.png"),
+               stage_breakdown(results, out_dir / "stage_breakdown.png"),
+               batch_scaling(results, out_dir / "batch_scaling.png"),
+               prompt_scaling(results, out_dir / "prompt_scaling.png")]
+    if results.get("triton", {}).get("models"):
+        written.insert(0, throughput_vs_concurrency(results, out_dir / "throughput_vs_concurrency.png"))
+    return written
