@@ -134,13 +134,14 @@ def batch_table(batch: Dict) -> str:
 
 
 def prompt_table(prompts: Dict) -> str:
+    """Best of the repeats: few repeats of long calls, and a single stall would dominate a mean."""
     counts = list(next(iter(prompts.values())).keys())
     rows = []
     for count in counts:
         row = [count]
         for engine in (ORT, EAGER):
-            once = prompts[f"{engine}/encoder_once"][count]["mean_ms"]
-            many = prompts[f"{engine}/n_pipelines"][count]["mean_ms"]
+            once = prompts[f"{engine}/encoder_once"][count]["min_ms"]
+            many = prompts[f"{engine}/n_pipelines"][count]["min_ms"]
             row += [fmt(once), fmt(many), fmt(ratio(many, once), 2, "×")]
         rows.append(row)
     return table(["N prompts", "ORT: encoder once ms", "ORT: N pipelines ms", "ORT gain", "eager: encoder once ms",
@@ -214,7 +215,8 @@ def summary_markdown(results: Dict, cmp: Dict, plots: Sequence[str]) -> str:
     sections += ["## Batch-size scaling (in-process ONNX Runtime, each graph alone)", batch_table(results["batch_scaling"]),
                  "## N prompts on one image",
                  "Encoder once: the image is decoded and encoded once; ORT runs BEiT-3 and the decoder on a batch of N, "
-                 "eager loops over the prompts as upstream's `segment_many`. N pipelines: N independent requests.",
+                 "eager loops over the prompts as upstream's `segment_many`. N pipelines: N independent requests. "
+                 f"Milliseconds for all N prompts, best of {meta['budget']['prompt_repeats']} runs.",
                  prompt_table(results["prompt_scaling"]),
                  "## Plots", "\n".join(f"![{p}](plots/{p})" for p in plots),
                  "## Not measured in this run", "\n".join(f"- {n}" for n in meta["not_measured"]),

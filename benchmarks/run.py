@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=Path, nargs="+", help="image files (default: assets/sample.jpg + 2 re-encodings)")
     parser.add_argument("--engine-samples", type=int, default=2, help="distinct inputs per engine model for perf_analyzer")
     parser.add_argument("--skip-triton", action="store_true", help="in-process measurements only (debugging)")
+    parser.add_argument("--render", type=Path, metavar="RESULTS_DIR",
+                        help="measure nothing: redraw the plots and summary.md of RESULTS_DIR from its results.json")
     return parser.parse_args(argv)
 
 
@@ -170,18 +172,26 @@ def collect(args, info, budget, samples, inprocess, triton, wall, load: Dict, da
 
 
 def write_outputs(results: Dict, out_dir: Path, started: float) -> None:
-    written = plots.write_all(results, out_dir / "plots")
-    cmp = report.comparison(results)
-    results["comparison"] = cmp
+    results["comparison"] = report.comparison(results)
     results["meta"]["wall_seconds"]["total"] = time.perf_counter() - started
-    results["meta"]["files"] = sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()) + [
-        "results.json", "summary.md"]
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out_dir / "summary.md").write_text(report.summary_markdown(results, cmp, written))
+    render(out_dir)
+
+
+def render(out_dir: Path) -> None:
+    """plots/ and summary.md from the folder's results.json (also after changing the report code)."""
+    results = json.loads((out_dir / "results.json").read_text())
+    written = plots.write_all(results, out_dir / "plots")
+    results["meta"]["files"] = sorted({str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file()}
+                                      | {"summary.md"})
+    (out_dir / "summary.md").write_text(report.summary_markdown(results, report.comparison(results), written))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render:
+        render(args.render)
+        return 0
     started, wall, others = time.perf_counter(), {}, {}
     info, budget = machine.machine_info(), BUDGETS[args.size]
     date = datetime.date.today().isoformat()

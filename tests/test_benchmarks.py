@@ -112,7 +112,7 @@ def test_parses_real_perf_analyzer_single_model_output():
 
 
 def _stats(p50: float, throughput: float) -> dict:
-    return {"count": 4, "mean_ms": p50, "p50_ms": p50, "p90_ms": p50, "p95_ms": p50, "p99_ms": p50,
+    return {"count": 4, "min_ms": p50, "mean_ms": p50, "p50_ms": p50, "p90_ms": p50, "p95_ms": p50, "p99_ms": p50,
             "throughput": throughput}
 
 
@@ -132,6 +132,7 @@ def synthetic_results():
                              "threads_per_core": "1", "hypervisor": None, "isa": "avx2", "memory_gib": 8.0,
                              "gpu": None, "os": "Linux", "python": "3.11"},
                  "versions": {"torch": "2"}, "model": {"parameters": {"total": 5e6}}, "samples": [],
+                 "budget": {"prompt_repeats": 2},
                  "wall_seconds": {"total": 120.0, "in-process": 60.0}, "load_average": {},
                  "not_measured": ["GPU"], "notes": [], "files": []},
         "inprocess": {"side_by_side": {EAGER: {"stats": _stats(400.0, 2.5)}, ORT: {"stats": _stats(200.0, 5.0)}},
