@@ -2,30 +2,19 @@
 from __future__ import annotations
 
 import json
-import socket
 import tempfile
 import urllib.request
 from pathlib import Path
 from typing import Dict, List, Mapping, Sequence
 
 from evfsam.specs import EVF_SAM, GRAPHS
-from serving.server import TritonServer
+from serving.server import TritonServer, free_ports
 
 from . import machine, pa_inputs
 from . import perf_analyzer as pa
 from .budgets import Budget
 from .inprocess import OrtPipeline
 from .samples import Sample
-
-
-def free_ports(count: int) -> List[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def write_input_data(ort: OrtPipeline, samples: Sequence[Sample], engine_samples: int, out_dir: Path) -> Dict[str, Path]:

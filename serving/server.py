@@ -15,6 +15,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -79,6 +80,17 @@ class TritonInstall:
         # packages are the ones the models import.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         return env
+
+
+def free_ports(count: int) -> List[int]:
+    """`count` distinct TCP ports free on the loopback right now (for test and benchmark servers)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
 
 
 def _terminate_with_parent() -> None:

@@ -2,7 +2,6 @@
 tritonserver serving it."""
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Tuple
@@ -11,19 +10,10 @@ import numpy as np
 import pytest
 
 from evfsam.specs import TOKENIZER_FILE
+from serving.server import free_ports
 
 # Room for two cached images (4.8 MB each): small enough that tests see evictions.
 TEST_CACHE_BYTES = 10 * 1024**2
-
-
-def free_ports(count: int):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="session")
