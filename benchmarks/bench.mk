@@ -7,18 +7,14 @@ BENCH_ARGS ?=
 GPU_PY ?= $(PY)
 BENCH_GPU_ARGS ?=
 
-.PHONY: bench bench-full bench-gpu bench-deps
+.PHONY: bench bench-full bench-gpu
 
-# perf_analyzer (tritonclient[all]==2.51.0, in the venv) links libb64.so.0d, a Debian package.
-bench-deps: install
-	@{ ldconfig -p 2>/dev/null || /sbin/ldconfig -p; } | grep -q 'libb64\.so\.0d' || { \
-	  echo "installing libb64-0d for perf_analyzer"; \
-	  apt-get update -qq && apt-get install -y -qq libb64-0d; }
-
-bench: bench-deps
+# perf_analyzer (tritonclient[all]==2.51.0, in the venv) links Debian's libb64.so.0d; where it is missing,
+# benchmarks/perf_analyzer.py builds benchmarks/libb64_compat.c (same interface) with cc into build/libb64/.
+bench: install
 	$(PY) -m benchmarks.run --size $(BENCH_SIZE) --build-dir $(BUILD)/bench/$(BENCH_SIZE) $(BENCH_ARGS)
 
-bench-full: bench-deps
+bench-full: install
 	$(PY) -m benchmarks.run --size full --build-dir $(BUILD)/bench/full $(BENCH_ARGS)
 
 bench-gpu: install

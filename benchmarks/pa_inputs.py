@@ -19,9 +19,10 @@ from typing import Dict, List, Mapping, Sequence
 
 import numpy as np
 
-from evfsam.specs import EVF_SAM, GraphSpec
+from evfsam.embedding_cache import image_key
+from evfsam.specs import EVF_SAM, EVF_SAM_PROMPTS, GraphSpec
 
-from .samples import Sample
+from .samples import PROMPTS, Sample
 
 LENGTH_PREFIX = struct.Struct("<I")
 
@@ -65,6 +66,27 @@ def ensemble_input_data(samples: Sequence[Sample]) -> Dict[str, list]:
         }
         for sample in samples
     ]}
+
+
+def prompts_input_data(samples: Sequence[Sample], count: int, by_key: bool = False) -> Dict[str, list]:
+    """Steps for `evf_sam_prompts`: one step per distinct image, holding its file bytes (or, with
+    `by_key`, only its image_key) and `count` prompts: the sample's own, then the others in turn."""
+    image, key, prompts = EVF_SAM_PROMPTS.inputs
+    steps, seen = [], set()
+    for sample in samples:
+        if sample.image in seen:
+            continue
+        seen.add(sample.image)
+        texts = [sample.prompt, *(p for p in PROMPTS if p != sample.prompt)]
+        elements = [texts[i % len(texts)].encode("utf-8") for i in range(count)]
+        step = {prompts.name: {"b64": base64.b64encode(serialize_bytes_tensor(elements)).decode("ascii"),
+                               "shape": [count]}}
+        if by_key:
+            step[key.name] = bytes_entry(image_key(sample.image).encode("ascii"), key.shape)
+        else:
+            step[image.name] = bytes_entry(sample.image, image.shape)
+        steps.append(step)
+    return {"data": steps}
 
 
 def engine_input_data(spec: GraphSpec, feeds: Sequence[Mapping[str, np.ndarray]]) -> Dict[str, list]:

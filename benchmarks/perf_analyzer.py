@@ -11,6 +11,7 @@ server-side totals.  The per-composing-model breakdown of an ensemble is printed
 from __future__ import annotations
 
 import csv
+import ctypes
 import os
 import re
 import shutil
@@ -75,8 +76,41 @@ def binary() -> str:
     return found
 
 
+LIBB64 = "libb64.so.0d"
+LIBB64_COMPAT_SOURCE = Path(__file__).with_name("libb64_compat.c")
+LIBB64_COMPAT_DIR = Path(__file__).resolve().parent.parent / "build" / "libb64"
+
+
+def system_has_libb64() -> bool:
+    try:
+        ctypes.CDLL(LIBB64)
+    except OSError:
+        return False
+    return True
+
+
+def build_libb64_compat(out_dir: Path = LIBB64_COMPAT_DIR) -> Path:
+    """Compile benchmarks/libb64_compat.c to out_dir/libb64.so.0d (once per source change); returns out_dir."""
+    target = out_dir / LIBB64
+    if target.is_file() and target.stat().st_mtime >= LIBB64_COMPAT_SOURCE.stat().st_mtime:
+        return out_dir
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None:
+        raise PerfAnalyzerError(f"perf_analyzer needs {LIBB64}: install Debian's libb64-0d, or a C compiler (cc) "
+                                f"to build {LIBB64_COMPAT_SOURCE.name}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{LIBB64}.{os.getpid()}.tmp")
+    result = subprocess.run([compiler, "-O2", "-shared", "-fPIC", f"-Wl,-soname,{LIBB64}", "-o", str(partial),
+                             str(LIBB64_COMPAT_SOURCE)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise PerfAnalyzerError(f"building {LIBB64} from {LIBB64_COMPAT_SOURCE.name} failed:\n{result.stderr[-2000:]}")
+    os.replace(partial, target)
+    return out_dir
+
+
 def environment() -> Dict[str, str]:
-    """perf_analyzer links libcudart.so.12 even on CPU: take it from the nvidia-cuda-runtime-cu12 wheel."""
+    """perf_analyzer links libcudart.so.12 even on CPU: take it from the nvidia-cuda-runtime-cu12 wheel.
+    It also links Debian's libb64.so.0d: where the system lacks it, our own build of the same interface."""
     env = dict(os.environ)
     try:
         import nvidia.cuda_runtime as cuda_runtime
@@ -84,6 +118,8 @@ def environment() -> Dict[str, str]:
         libdirs = [str(Path(p) / "lib") for p in cuda_runtime.__path__]
     except ImportError:
         libdirs = []
+    if not system_has_libb64():
+        libdirs.append(str(build_libb64_compat()))
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*libdirs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
     return env
 

@@ -14,7 +14,7 @@ from evfsam.specs import EVF_SAM  # noqa: E402
 
 from .inprocess import STAGES  # noqa: E402
 from .measure import EAGER, ORT  # noqa: E402
-from .report import point_at  # noqa: E402
+from .report import SERVED_MODES, SERVED_PARTS, point_at, single_prompt_baseline  # noqa: E402
 
 PERCENTILE_KEYS = ("p50_ms", "p90_ms", "p95_ms", "p99_ms")
 
@@ -103,19 +103,55 @@ def batch_scaling(results: Dict, path: Path) -> str:
     return _save(fig, path)
 
 
+def _prompt_count_axes(ax, counts: List[int], legend_size: int = 8) -> None:
+    """Log-log axes with the prompt counts as plain x ticks."""
+    ax.set(xscale="log", yscale="log")
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    _plain_log_axis(ax.yaxis)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3, which="both")
+
+
 def prompt_scaling(results: Dict, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, by_count in results["prompt_scaling"].items():
         counts = [int(c) for c in by_count]
         ax.plot(counts, [by_count[str(c)]["min_ms"] / 1000 for c in counts], marker="o",
                 linestyle="-" if name.endswith("encoder_once") else "--", label=name)
-    ax.set(xlabel="prompts on one image", ylabel="seconds for all prompts (best run)", xscale="log", yscale="log",
-           title="Cost of N prompts on one image")
-    ax.set_xticks(counts, [str(c) for c in counts])
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    _plain_log_axis(ax.yaxis)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
+    ax.set(xlabel="prompts on one image", ylabel="seconds for all prompts (best run)", title="Cost of N prompts on one image")
+    _prompt_count_axes(ax, counts)
+    return _save(fig, path)
+
+
+def served_prompts(results: Dict, path: Path) -> str:
+    """Left: prompts/s against N per mode, with the one-prompt-per-request baseline. Right: where each
+    request's time went (Triton's counters), per mode and N."""
+    served = results["served_prompts"]
+    counts, points = served["prompt_counts"], served["points"]
+    fig, (rate_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1, 1.4]})
+    for mode, label in SERVED_MODES.items():
+        found = [c for c in counts if str(c) in points.get(mode, {})]
+        rate_ax.plot(found, [points[mode][str(c)]["prompts_per_s"] for c in found], marker="o", label=label)
+    baseline = single_prompt_baseline(results)
+    if baseline:
+        rate_ax.axhline(baseline, linestyle="--", color="gray", label="one prompt per evf_sam request")
+    rate_ax.set(xlabel="prompts per request (one image)", ylabel="prompts / s",
+                title="evf_sam_prompts throughput (concurrency 1)")
+    _prompt_count_axes(rate_ax, counts, legend_size=7)
+    bars = [(f"{mode.replace('_', ' ')} N={c}", points[mode][str(c)]) for c in counts for mode in SERVED_MODES
+            if str(c) in points.get(mode, {})]
+    for row, (_, point) in enumerate(bars):
+        left = 0.0
+        for index, (part, label) in enumerate(SERVED_PARTS.items()):
+            value = max(point["engines"][part]["ms"], 0.0)
+            time_ax.barh(row, value, left=left, color=f"C{index}", label=label if row == 0 else None)
+            left += value
+    time_ax.set_yticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
+    time_ax.invert_yaxis()
+    time_ax.set(xlabel="ms per request (Triton's counters)", title="Where a request's time goes")
+    time_ax.legend(fontsize=7)
+    time_ax.grid(axis="x", alpha=0.3)
     return _save(fig, path)
 
 
@@ -127,4 +163,6 @@ def write_all(results: Dict, out_dir: Path) -> List[str]:
                prompt_scaling(results, out_dir / "prompt_scaling.png")]
     if results.get("triton", {}).get("models"):
         written.insert(0, throughput_vs_concurrency(results, out_dir / "throughput_vs_concurrency.png"))
+    if results.get("served_prompts", {}).get("points"):
+        written.append(served_prompts(results, out_dir / "served_prompts.png"))
     return written

@@ -148,6 +148,76 @@ def prompt_table(prompts: Dict) -> str:
                   "eager: N pipelines ms", "eager gain"], rows)
 
 
+SERVED_MODES = {"uncached": "uncached (image bytes, cache off)", "cached_bytes": "cached (image bytes again)",
+                "cached_key": "cached (image_key)"}
+SERVED_PARTS = {"sam_image_encoder": "encoder", "beit3_fusion_encoder": "BEiT-3", "prompt_mask_decoder": "decoder",
+                "evf_sam_prompts": "evf_sam_prompts itself"}
+
+
+def single_prompt_baseline(results: Dict) -> Optional[float]:
+    """Prompts/s of one-prompt `evf_sam` requests back to back (concurrency 1): 1 / mean latency."""
+    single = point_at(results.get("triton", {}).get("models", {}).get(EVF_SAM.name, []), 1)
+    return 1000.0 / single["mean_ms"] if single else None
+
+
+def served_prompt_rows(results: Dict) -> List[Dict]:
+    """One row per N: prompts/s of each mode, the N-single-requests baseline and the gains."""
+    points = results.get("served_prompts", {}).get("points", {})
+    baseline = single_prompt_baseline(results)
+    rows = []
+    for count in results.get("served_prompts", {}).get("prompt_counts", []):
+        rate = {mode: points.get(mode, {}).get(str(count), {}).get("prompts_per_s") for mode in SERVED_MODES}
+        rows.append({"prompts": count, "baseline": baseline, **rate,
+                     "uncached_vs_baseline": ratio(rate["uncached"], baseline),
+                     "cached_vs_uncached": ratio(rate["cached_key"], rate["uncached"]),
+                     "cached_vs_baseline": ratio(rate["cached_key"], baseline)})
+    return rows
+
+
+def served_prompt_table(rows: Sequence[Dict]) -> str:
+    return table(
+        ["N prompts", "N single-prompt `evf_sam` requests", *SERVED_MODES.values(), "uncached ÷ single requests",
+         "cached (key) ÷ uncached", "cached (key) ÷ single requests"],
+        [[r["prompts"], fmt(r["baseline"], 2), *(fmt(r[m], 2) for m in SERVED_MODES),
+          fmt(r["uncached_vs_baseline"], 2, "×"), fmt(r["cached_vs_uncached"], 2, "×"),
+          fmt(r["cached_vs_baseline"], 2, "×")] for r in rows])
+
+
+def served_prompt_detail(served: Dict) -> str:
+    rows = []
+    for count in served["prompt_counts"]:
+        for mode in SERVED_MODES:
+            p = served["points"].get(mode, {}).get(str(count))
+            if p:
+                cache = p["cache"]
+                rows.append([count, mode, p["request_count"], fmt(p["p50_ms"]), fmt(p["p99_ms"]),
+                             *(fmt(p["engines"][part]["ms"]) for part in SERVED_PARTS),
+                             f"{cache['hits']} / {cache['misses']}", share(p.get("other_jobs_cpu_share"))])
+    return table(["N", "mode", "requests", "p50 ms", "p99 ms", *(f"{v} ms" for v in SERVED_PARTS.values()),
+                  "cache hits / misses", "other jobs' CPU"], rows)
+
+
+def _served_prompt_sections(results: Dict) -> List[str]:
+    served = results.get("served_prompts")
+    if not served or not served.get("points"):
+        return []
+    return [
+        "## Encode once, prompt many: `evf_sam_prompts` served (perf_analyzer, concurrency 1)",
+        "Prompts per second when one request carries N prompts for one image. *uncached*: the image bytes to a "
+        "server whose embedding cache is off (every request runs the SAM encoder once); *cached (image bytes "
+        "again)*: the same bytes after a first request (the sha256 of the bytes finds the embedding); *cached "
+        "(image_key)*: only the key a first response returned. Baseline: N one-prompt requests to the `evf_sam` "
+        "ensemble. Prompts/s = N ÷ mean request latency, one request at a time "
+        f"(embedding cache {served['cache_bytes'] / 1024**2:.0f} MiB).",
+        served_prompt_table(served_prompt_rows(results)),
+        "Per request, from Triton's own counters over exactly the measured requests (engine models: queue + "
+        "compute; `evf_sam_prompts itself`: decode, hash, tokenize, full-size masks and the BLS round trips). "
+        "Each point was checked: uncached points show one miss and one encoder run per request, cached points "
+        "no miss and no encoder run.",
+        served_prompt_detail(served),
+    ]
+
+
 def _machine_lines(meta: Dict) -> List[str]:
     m, v = meta["machine"], meta["versions"]
     load = meta.get("load_average", {})
@@ -218,6 +288,7 @@ def summary_markdown(results: Dict, cmp: Dict, plots: Sequence[str]) -> str:
                  "eager loops over the prompts as upstream's `segment_many`. N pipelines: N independent requests. "
                  f"Milliseconds for all N prompts, best of {meta['budget']['prompt_repeats']} runs.",
                  prompt_table(results["prompt_scaling"]),
+                 *_served_prompt_sections(results),
                  "## Plots", "\n".join(f"![{p}](plots/{p})" for p in plots),
                  "## Not measured in this run", "\n".join(f"- {n}" for n in meta["not_measured"]),
                  "## Notes", "\n".join(f"- {n}" for n in meta["notes"]),

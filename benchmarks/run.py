@@ -8,7 +8,10 @@
    end to end and per stage; batch-size and prompt-count scaling;
 3. the python-ort model repository on the real tritonserver (free ports), perf_analyzer on
    `evf_sam` and on each engine model with --input-data made from the same real inputs;
-4. results.json, perf_analyzer's CSV + stdout, summary.md and PNG plots in the output folder.
+4. encode once, prompt many: perf_analyzer on `evf_sam_prompts` with N = 1, 4, 16 prompts per
+   request, embedding cache off vs on (image bytes again, image_key), checked against the server's
+   cache and engine counters (benchmarks/prompt_sweep.py);
+5. results.json, perf_analyzer's CSV + stdout, summary.md and PNG plots in the output folder.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from typing import Dict, List, Tuple
 
 from evfsam.specs import EVF_SAM, GRAPHS
 
-from . import machine, plots, report
+from . import machine, plots, prompt_sweep, report
 from . import perf_analyzer as pa
 from .budgets import BUDGETS, Budget
 from .inprocess import EagerPipeline, OrtPipeline
@@ -47,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--images", type=Path, nargs="+", help="image files (default: assets/sample.jpg + 2 re-encodings)")
     parser.add_argument("--engine-samples", type=int, default=2, help="distinct inputs per engine model for perf_analyzer")
     parser.add_argument("--skip-triton", action="store_true", help="in-process measurements only (debugging)")
+    parser.add_argument("--skip-prompt-sweep", action="store_true",
+                        help="leave out the evf_sam_prompts sweep (4.), which starts two more servers")
     parser.add_argument("--render", type=Path, metavar="RESULTS_DIR",
                         help="measure nothing: redraw the plots and summary.md of RESULTS_DIR from its results.json")
     return parser.parse_args(argv)
@@ -119,6 +124,13 @@ def measure_triton(onnx_dir: Path, build_dir: Path, inputs: Dict[str, Path], lat
                    build_dir / "tritonserver.log")
 
 
+def measure_served_prompts(onnx_dir: Path, build_dir: Path, samples, budget: Budget, out_dir: Path) -> Dict:
+    from serving.repository import RepositoryOptions
+
+    return prompt_sweep.measure(onnx_dir, build_dir, samples, budget, out_dir / "perf_analyzer" / "evf_sam_prompts",
+                                RepositoryOptions().cache_bytes)
+
+
 def clear_previous(out_dir: Path) -> None:
     """Drop what an earlier run of this suite wrote there, so that no stale file survives."""
     for name in ("perf_analyzer", "plots"):
@@ -156,19 +168,20 @@ NOT_MEASURED = [
 ]
 
 
-def collect(args, info, budget, samples, inprocess, triton, wall, load: Dict, date) -> Dict:
+def collect(args, info, budget, samples, inprocess, triton, served, wall, load: Dict, date) -> Dict:
     meta = {
         "size": args.size, "date": date, "command": "python -m benchmarks.run " + shlex.join(sys.argv[1:]),
         "machine": info, "versions": machine.versions(), "perf_analyzer_version": pa.version(),
         "tritonserver_version": triton.get("tritonserver_version") if triton else None,
         "model": {"parameters": inprocess["parameters"]}, "samples": [s.describe() for s in samples],
         "budget": budget.to_dict(), "wall_seconds": wall, **load,
-        "not_measured": NOT_MEASURED + (["Triton: skipped (--skip-triton)."] if not triton else []),
+        "not_measured": NOT_MEASURED + (["Triton: skipped (--skip-triton)."] if not triton else [])
+        + (["evf_sam_prompts sweep: skipped."] if not served else []),
         "notes": notes(load["other_jobs_cpu_share"], budget),
     }
     return {"meta": meta, "inprocess": {k: inprocess[k] for k in ("side_by_side", "stages_ms")},
             "batch_scaling": inprocess["batch_scaling"], "prompt_scaling": inprocess["prompt_scaling"],
-            "triton": triton or {}}
+            "triton": triton or {}, "served_prompts": served or {}}
 
 
 def write_outputs(results: Dict, out_dir: Path, started: float) -> None:
@@ -208,13 +221,16 @@ def main(argv=None) -> int:
         inprocess = measure_inprocess(checkpoint, onnx_dir, samples, budget, build_dir / "perf_inputs", args.engine_samples)
     gc.collect()
     loads["before_triton"] = machine.load_average()
-    triton = None
+    triton = served = None
     if not args.skip_triton:
         with phase("triton: perf_analyzer sweeps", wall, others):
             triton = measure_triton(onnx_dir, build_dir, inprocess["perf_inputs"], request_latencies(inprocess),
                                     budget, out_dir)
+    if not (args.skip_triton or args.skip_prompt_sweep):
+        with phase("prompts: evf_sam_prompts sweep, cache off vs on", wall, others):
+            served = measure_served_prompts(onnx_dir, build_dir, samples, budget, out_dir)
     loads["end"] = machine.load_average()
-    results = collect(args, info, budget, samples, inprocess, triton, wall, {"load_average": loads,
+    results = collect(args, info, budget, samples, inprocess, triton, served, wall, {"load_average": loads,
                       "other_jobs_cpu_share": others}, date)
     write_outputs(results, out_dir, started)
     print(f"wrote {out_dir}/summary.md ({results['meta']['wall_seconds']['total'] / 60:.1f} min)")

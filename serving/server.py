@@ -29,6 +29,8 @@ from typing import List, Optional
 
 from evfsam.specs import PIPELINE_FINISHED_METRIC, PIPELINE_STARTED_METRIC
 
+from . import metrics
+
 
 CRASH_WINDOW_S = 600
 
@@ -177,15 +179,10 @@ class TritonServer:
 
     def requests_in_flight(self) -> int:
         """Requests inside the pipeline (started - finished) plus those queued at any model."""
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
-            text = response.read().decode()
-        totals = {PIPELINE_STARTED_METRIC: 0.0, PIPELINE_FINISHED_METRIC: 0.0, "nv_inference_pending_request_count": 0.0}
-        for line in text.splitlines():
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            if name in totals:
-                totals[name] += float(line.rsplit(" ", 1)[1])
-        return int(totals[PIPELINE_STARTED_METRIC] - totals[PIPELINE_FINISHED_METRIC]
-                   + totals["nv_inference_pending_request_count"])
+        found = metrics.totals(metrics.scrape(self.metrics_url), (PIPELINE_STARTED_METRIC, PIPELINE_FINISHED_METRIC,
+                                                                  "nv_inference_pending_request_count"))
+        return int(found[PIPELINE_STARTED_METRIC] - found[PIPELINE_FINISHED_METRIC]
+                   + found["nv_inference_pending_request_count"])
 
     def drain(self, timeout: float) -> bool:
         """Wait until nothing is in flight (seen twice in a row); False if `timeout` passes first."""

@@ -2,7 +2,10 @@
 ratios, the report; one real perf_analyzer run against the session's tritonserver."""
 from __future__ import annotations
 
+import base64
+import ctypes
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -14,11 +17,11 @@ from benchmarks import pa_inputs
 from benchmarks import perf_analyzer as pa
 from benchmarks.budgets import BUDGETS
 from benchmarks.inprocess import STAGES
-from benchmarks.measure import EAGER, ORT
 from benchmarks.report import comparison, summary_markdown
 from benchmarks.samples import SAMPLE_IMAGE, derived_images, load_samples
 from benchmarks.stats import LatencyStats, ratio, speedup
-from evfsam.specs import EVF_SAM, GRAPHS, PROMPT_MASK_DECODER
+from evfsam.specs import EVF_SAM, GRAPHS
+from tests import bench_support
 
 DATA = Path(__file__).parent / "data" / "perf_analyzer"
 IMAGE, PROMPT = EVF_SAM.inputs
@@ -111,37 +114,9 @@ def test_parses_real_perf_analyzer_single_model_output():
     assert point.server[spec.name].inference_count == 164 and point.server[spec.name].avg_batch == 1.0
 
 
-def _stats(p50: float, throughput: float) -> dict:
-    return {"count": 4, "min_ms": p50, "mean_ms": p50, "p50_ms": p50, "p90_ms": p50, "p95_ms": p50, "p99_ms": p50,
-            "throughput": throughput}
-
-
-def _point(concurrency: int, p50: float, throughput: float) -> dict:
-    server = {s: {"avg_latency_ms": 10.0, "parts_ms": {"queue": 1.0, "compute infer": 9.0}, "avg_batch": 1.0}
-              for s in STAGES}
-    return {"concurrency": concurrency, "request_count": 10, "throughput": throughput, "mean_ms": p50,
-            "p50_ms": p50, "p90_ms": p50, "p95_ms": p50, "p99_ms": p50, "server": server}
-
-
 @pytest.fixture
 def synthetic_results():
-    stages = {s: 10.0 for s in STAGES}
-    return {
-        "meta": {"size": "tiny", "date": "2026-01-01", "command": "python -m benchmarks.run",
-                 "machine": {"cpu_model": "CPU", "cpu_family_model": "1/2", "vcpus": 2, "usable_cpus": 2,
-                             "threads_per_core": "1", "hypervisor": None, "isa": "avx2", "memory_gib": 8.0,
-                             "gpu": None, "os": "Linux", "python": "3.11"},
-                 "versions": {"torch": "2"}, "model": {"parameters": {"total": 5e6}}, "samples": [],
-                 "budget": {"prompt_repeats": 2},
-                 "wall_seconds": {"total": 120.0, "in-process": 60.0}, "load_average": {},
-                 "not_measured": ["GPU"], "notes": [], "files": []},
-        "inprocess": {"side_by_side": {EAGER: {"stats": _stats(400.0, 2.5)}, ORT: {"stats": _stats(200.0, 5.0)}},
-                      "stages_ms": {EAGER: stages, ORT: stages}},
-        "batch_scaling": {PROMPT_MASK_DECODER.name: {"1": _stats(10.0, 100.0), "2": _stats(15.0, 133.0)}},
-        "prompt_scaling": {f"{e}/{v}": {"1": _stats(100.0, 10.0), "4": _stats(200.0, 20.0)}
-                           for e in (ORT, EAGER) for v in ("encoder_once", "n_pipelines")},
-        "triton": {"models": {EVF_SAM.name: [_point(1, 250.0, 4.0), _point(2, 300.0, 6.0)]}},
-    }
+    return bench_support.synthetic_results()
 
 
 def test_comparison_ratios_and_serving_overhead(synthetic_results):
@@ -175,19 +150,71 @@ def test_sdpa_attention_matches_segment_anything():
         torch.testing.assert_close(encoder(images), expected, atol=1e-5, rtol=1e-4)
 
 
-def _perf_analyzer_runs() -> bool:
-    try:
-        binary = pa.binary()
-    except pa.PerfAnalyzerError:
-        return False
-    return subprocess.run([binary, "--version"], capture_output=True, env=pa.environment()).returncode == 0
-
-
 @pytest.mark.triton
-@pytest.mark.skipif(not _perf_analyzer_runs(), reason="perf_analyzer does not run here (libb64-0d missing?)")
+@bench_support.needs_perf_analyzer
 def test_real_perf_analyzer_accepts_generated_input_data(triton_server, samples, tmp_path):
     data = pa_inputs.write_json(pa_inputs.ensemble_input_data(samples[:2]), tmp_path / "evf_sam.json")
     point = pa.run_point(EVF_SAM.name, triton_server.grpc_url, data, 1, 3, tmp_path)
     assert point.throughput > 0 and point.p50_ms > 0
     assert point.server[EVF_SAM.name].inference_count == 3
     assert set(STAGES) <= set(point.server)
+
+
+class _EncodeState(ctypes.Structure):
+    _fields_ = [("step", ctypes.c_int), ("result", ctypes.c_char), ("stepcount", ctypes.c_int)]
+
+
+class _DecodeState(ctypes.Structure):
+    _fields_ = [("step", ctypes.c_int), ("plainchar", ctypes.c_char)]
+
+
+@pytest.fixture(scope="module")
+def libb64_compat(tmp_path_factory):
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    return pa.build_libb64_compat(tmp_path_factory.mktemp("libb64"))
+
+
+def _chunks(data: bytes, rng) -> list:
+    cuts = sorted(rng.integers(0, len(data) + 1, size=3).tolist())
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)])]
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 53, 54, 55, 1000])
+def test_libb64_compat_matches_python_base64_in_chunks(libb64_compat, size):
+    lib = ctypes.CDLL(str(libb64_compat / pa.LIBB64))
+    rng = np.random.default_rng(size)
+    data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    state, out = _EncodeState(), ctypes.create_string_buffer(2 * size + 16)
+    lib.base64_init_encodestate(ctypes.byref(state))
+    written = 0
+    for chunk in _chunks(data, rng):
+        written += lib.base64_encode_block(chunk, len(chunk), ctypes.byref(out, written), ctypes.byref(state))
+    written += lib.base64_encode_blockend(ctypes.byref(out, written), ctypes.byref(state))
+    encoded = out.raw[:written]
+    # libb64 1.2's format: a newline after every 18 complete 3-byte groups (72 characters) and one at the end
+    flat = base64.b64encode(data)
+    complete = flat[: 4 * (size // 3)]
+    expected = b"".join(complete[i:i + 72] + (b"\n" if i + 72 <= len(complete) else b"")
+                        for i in range(0, len(complete), 72))
+    expected += flat[len(complete):] + b"\n"
+    assert encoded == expected
+    decoder, plain = _DecodeState(), ctypes.create_string_buffer(size + 4)
+    lib.base64_init_decodestate(ctypes.byref(decoder))
+    produced = 0
+    for chunk in _chunks(encoded, rng):
+        produced += lib.base64_decode_block(chunk, len(chunk), ctypes.byref(plain, produced), ctypes.byref(decoder))
+    assert plain.raw[:produced] == data
+
+
+@pytest.mark.triton
+def test_real_perf_analyzer_runs_on_the_libb64_compat_build(libb64_compat, triton_server, samples, tmp_path,
+                                                             monkeypatch):
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(libb64_compat))
+    env = pa.environment()
+    loaded = subprocess.run([pa.binary()], env={**env, "LD_TRACE_LOADED_OBJECTS": "1"}, capture_output=True,
+                            text=True).stdout
+    assert f"{pa.LIBB64} => {libb64_compat / pa.LIBB64}" in loaded
+    data = pa_inputs.write_json(pa_inputs.ensemble_input_data(samples[:2]), tmp_path / "evf_sam.json")
+    point = pa.run_point(EVF_SAM.name, triton_server.grpc_url, data, 1, 2, tmp_path)
+    assert point.server[EVF_SAM.name].inference_count == 2

@@ -1,7 +1,6 @@
 """`evf_sam_prompts` on the real server: many prompts per image, the embedding cache, its metrics."""
 from __future__ import annotations
 
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -12,6 +11,7 @@ from tritonclient.utils import InferenceServerException
 from evfsam.embedding_cache import image_key
 from evfsam.processing import decode_image
 from evfsam.specs import CACHE_METRICS, EVF_SAM_PROMPTS
+from serving import metrics
 from tests.images import encode, scene
 from tests.test_serving import grpc_segment
 
@@ -37,13 +37,8 @@ def segment_many(server, prompts, image=None, key=None):
 
 
 def cache_counts(server):
-    with urllib.request.urlopen(server.metrics_url) as response:
-        lines = response.read().decode().splitlines()
-    counts = {}
-    for key, metric in CACHE_METRICS.items():
-        values = [float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(metric + "{")]
-        counts[key] = int(sum(values))
-    return counts
+    samples = metrics.scrape(server.metrics_url)
+    return {key: int(metrics.total(samples, name)) for key, name in CACHE_METRICS.items()}
 
 
 def test_many_prompts_equal_single_prompt_requests(triton_server, torch_pipeline):
