@@ -1,8 +1,8 @@
 """How much to measure at each model size: enough repeats to be stable, few enough to finish.
 
-`tiny` is what `make bench` runs: about 6 minutes end to end on 2 CPU cores.  On such a machine one
+`tiny` is what `make bench` runs: about 7.5 minutes end to end on 2 CPU cores.  On such a machine one
 SAM ViT-B encoder pass takes 6 s (ONNX Runtime) to 11 s (eager PyTorch), a ViT-H pass minutes, so
-`vit-b` (12.5 minutes measured) and `full` measure far fewer points (see benchmarks/README.md).
+`vit-b` (17.6 minutes measured) and `full` measure far fewer points (see benchmarks/README.md).
 """
 from __future__ import annotations
 
