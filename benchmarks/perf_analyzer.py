@@ -11,7 +11,6 @@ server-side totals.  The per-composing-model breakdown of an ensemble is printed
 from __future__ import annotations
 
 import csv
-import ctypes
 import os
 import re
 import shutil
@@ -81,12 +80,11 @@ LIBB64_COMPAT_SOURCE = Path(__file__).with_name("libb64_compat.c")
 LIBB64_COMPAT_DIR = Path(__file__).resolve().parent.parent / "build" / "libb64"
 
 
-def system_has_libb64() -> bool:
-    try:
-        ctypes.CDLL(LIBB64)
-    except OSError:
-        return False
-    return True
+def missing_libraries(executable: str, env: Dict[str, str]) -> List[str]:
+    """The shared libraries the dynamic loader cannot find for `executable` under `env` (asked of the
+    loader itself, which lists them and exits without running the program)."""
+    trace = subprocess.run([executable], env={**env, "LD_TRACE_LOADED_OBJECTS": "1"}, capture_output=True, text=True)
+    return [line.split("=>")[0].strip() for line in trace.stdout.splitlines() if "=> not found" in line]
 
 
 def build_libb64_compat(out_dir: Path = LIBB64_COMPAT_DIR) -> Path:
@@ -118,9 +116,9 @@ def environment() -> Dict[str, str]:
         libdirs = [str(Path(p) / "lib") for p in cuda_runtime.__path__]
     except ImportError:
         libdirs = []
-    if not system_has_libb64():
-        libdirs.append(str(build_libb64_compat()))
     env["LD_LIBRARY_PATH"] = os.pathsep.join([*libdirs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    if LIBB64 in missing_libraries(binary(), env):
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([str(build_libb64_compat()), env["LD_LIBRARY_PATH"]]).rstrip(os.pathsep)
     return env
 
 

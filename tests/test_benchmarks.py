@@ -207,6 +207,11 @@ def test_libb64_compat_matches_python_base64_in_chunks(libb64_compat, size):
     assert plain.raw[:produced] == data
 
 
+@bench_support.needs_perf_analyzer
+def test_perf_analyzer_environment_leaves_no_library_missing():
+    assert pa.missing_libraries(pa.binary(), pa.environment()) == []
+
+
 @pytest.mark.triton
 def test_real_perf_analyzer_runs_on_the_libb64_compat_build(libb64_compat, triton_server, samples, tmp_path,
                                                              monkeypatch):
