@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .plots import save_figure  # noqa: E402
 from .report import fmt, table  # noqa: E402
 from .stats import ratio  # noqa: E402
 
@@ -96,7 +97,7 @@ def throughput_plot(results: Dict, path: Path) -> str:
         ax.set_xticks(results["settings"]["batches"])
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def tflops_plot(results: Dict, path: Path) -> str:
@@ -113,14 +114,7 @@ def tflops_plot(results: Dict, path: Path) -> str:
     ax.set_xticks(results["settings"]["batches"])
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3)
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path.name
+    return save_figure(fig, path)
 
 
 def write_report(results: Dict, out: Path) -> None:

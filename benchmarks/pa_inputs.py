@@ -46,8 +46,12 @@ def deserialize_bytes_tensor(data: bytes) -> List[bytes]:
 
 def bytes_entry(value: bytes, shape: Sequence[int]) -> Dict[str, object]:
     """One BYTES input of a batch-1 request holding `value` in each of its (usually 1) elements."""
-    count = int(np.prod(shape))
-    return {"b64": base64.b64encode(serialize_bytes_tensor([value] * count)).decode("ascii"), "shape": list(shape)}
+    return elements_entry([value] * int(np.prod(shape)), shape)
+
+
+def elements_entry(elements: Sequence[bytes], shape: Sequence[int]) -> Dict[str, object]:
+    """One BYTES input holding `elements` (row-major) in a tensor of `shape`."""
+    return {"b64": base64.b64encode(serialize_bytes_tensor(elements)).decode("ascii"), "shape": list(shape)}
 
 
 def array_entry(array: np.ndarray, dtype: np.dtype) -> Dict[str, object]:
@@ -79,8 +83,7 @@ def prompts_input_data(samples: Sequence[Sample], count: int, by_key: bool = Fal
         seen.add(sample.image)
         texts = [sample.prompt, *(p for p in PROMPTS if p != sample.prompt)]
         elements = [texts[i % len(texts)].encode("utf-8") for i in range(count)]
-        step = {prompts.name: {"b64": base64.b64encode(serialize_bytes_tensor(elements)).decode("ascii"),
-                               "shape": [count]}}
+        step = {prompts.name: elements_entry(elements, [count])}
         if by_key:
             step[key.name] = bytes_entry(image_key(sample.image).encode("ascii"), key.shape)
         else:

@@ -26,7 +26,8 @@ def _plain_log_axis(axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def _save(fig, path: Path) -> str:
+def save_figure(fig, path: Path) -> str:
+    """Write a figure as PNG, close it, and return the file name."""
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -49,7 +50,7 @@ def throughput_vs_concurrency(results: Dict, path: Path) -> str:
     _plain_log_axis(ax.yaxis)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.grid(alpha=0.3, which="both")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def latency_percentiles(results: Dict, path: Path) -> str:
@@ -66,7 +67,7 @@ def latency_percentiles(results: Dict, path: Path) -> str:
     ax.set(ylabel="latency per request, ms", title="End-to-end latency percentiles (file bytes + prompt -> mask)")
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def stage_breakdown(results: Dict, path: Path) -> str:
@@ -87,7 +88,7 @@ def stage_breakdown(results: Dict, path: Path) -> str:
     ax.set(xlabel="ms per request (one at a time)", title="Per-stage breakdown")
     ax.legend(fontsize=7, ncol=len(STAGES), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def batch_scaling(results: Dict, path: Path) -> str:
@@ -100,7 +101,7 @@ def batch_scaling(results: Dict, path: Path) -> str:
     _plain_log_axis(ax.yaxis)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _prompt_count_axes(ax, counts: List[int], legend_size: int = 8) -> None:
@@ -121,7 +122,7 @@ def prompt_scaling(results: Dict, path: Path) -> str:
                 linestyle="-" if name.endswith("encoder_once") else "--", label=name)
     ax.set(xlabel="prompts on one image", ylabel="seconds for all prompts (best run)", title="Cost of N prompts on one image")
     _prompt_count_axes(ax, counts)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def served_prompts(results: Dict, path: Path) -> str:
@@ -152,7 +153,7 @@ def served_prompts(results: Dict, path: Path) -> str:
     time_ax.set(xlabel="ms per request (Triton's counters)", title="Where a request's time goes")
     time_ax.legend(fontsize=7)
     time_ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_all(results: Dict, out_dir: Path) -> List[str]:

@@ -23,7 +23,7 @@ from typing import Dict, List, Mapping, Sequence
 
 from evfsam.specs import BEIT3_FUSION_ENCODER, CACHE_METRICS, EVF_SAM_PROMPTS, PROMPT_MASK_DECODER, SAM_IMAGE_ENCODER
 from serving import metrics
-from serving.server import TritonServer, free_ports
+from serving.server import TritonServer
 
 from . import machine, pa_inputs
 from . import perf_analyzer as pa
@@ -127,14 +127,9 @@ def measure_point(server: TritonServer, mode: str, count: int, samples: Sequence
 
 def sweep_server(repository: Path, modes: Sequence[str], samples: Sequence[Sample], budget: Budget,
                  inputs_dir: Path, out_dir: Path, log_file: Path, ready_timeout: float) -> List[Dict]:
-    http, grpc, metrics_port = free_ports(3)
-    server = TritonServer(repository, http, grpc, metrics_port, log_file=log_file).start()
-    try:
-        server.wait_ready(timeout=ready_timeout)
+    with TritonServer.on_free_ports(repository, log_file=log_file, ready_timeout=ready_timeout) as server:
         return [measure_point(server, mode, count, samples, budget, inputs_dir, out_dir)
                 for count in budget.served_prompt_counts for mode in modes]
-    finally:
-        server.stop()
 
 
 def measure(onnx_dir: Path, build_dir: Path, samples: Sequence[Sample], budget: Budget, out_dir: Path,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Sequence
 
 from evfsam.specs import EVF_SAM, GRAPHS
-from serving.server import TritonServer, free_ports
+from serving.server import TritonServer
 
 from . import machine, pa_inputs
 from . import perf_analyzer as pa
@@ -53,13 +53,8 @@ def sweep(server: TritonServer, model: str, input_data: Path, latency_s: float, 
 def measure(repository: Path, inputs: Mapping[str, Path], latencies_s: Mapping[str, float], budget: Budget,
             out_dir: Path, log_file: Path, ready_timeout: float = 1800.0) -> Dict:
     """Start tritonserver (free ports), sweep evf_sam and then each engine model on its own."""
-    http, grpc, metrics = free_ports(3)
-    server = TritonServer(repository, http, grpc, metrics, log_file=log_file).start()
-    try:
-        server.wait_ready(timeout=ready_timeout)
+    with TritonServer.on_free_ports(repository, log_file=log_file, ready_timeout=ready_timeout) as server:
         result = {"tritonserver_version": server_version(server), "models": {}}
         for model, path in inputs.items():
             result["models"][model] = sweep(server, model, path, latencies_s[model], budget, out_dir)
-    finally:
-        server.stop()
     return result

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from evfsam.processing import ImageLimits, InvalidImage, beit3_view, decode_image, sam_view
+from evfsam.model_config import InputLimits, config_parameters
+from evfsam.processing import InvalidImage, beit3_view, decode_image, sam_view
 from evfsam.specs import EVF_SAM, ORIGINAL_SIZE, PIPELINE_FINISHED_METRIC, PIPELINE_STARTED_METRIC, RESIZED_SIZE
-from evfsam.tokenization import InvalidPrompt, PromptTokenizer, decode_prompt, pad_batch
+from evfsam.tokenization import InvalidPrompt, decode_prompt, pad_batch
 
 IMAGE, PROMPT = (t.name for t in EVF_SAM.inputs)
 
@@ -23,10 +24,9 @@ class InvalidRequest(ValueError):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.tokenizer = PromptTokenizer(version_dir / params["tokenizer_file"], int(params["max_text_tokens"]))
-        self.limits = ImageLimits(int(params["max_image_bytes"]), int(params["max_image_pixels"]))
+        limits = InputLimits.from_parameters(config_parameters(config))
+        self.tokenizer = limits.tokenizer(Path(args["model_repository"]) / args["model_version"])
+        self.limits = limits.image_limits()
         self.output_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
         self.logger = pb_utils.Logger
         # Triton invalidates a Metric whose MetricFamily is garbage collected: keep both.

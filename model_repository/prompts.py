@@ -13,10 +13,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from evfsam.embedding_cache import CachedImage, EmbeddingCache, image_key
-from evfsam.processing import ImageLimits, InvalidImage, beit3_view, binary_mask, decode_image, sam_view
+from evfsam.model_config import InputLimits, config_parameters
+from evfsam.processing import InvalidImage, beit3_view, binary_mask, decode_image, sam_view
 from evfsam.specs import (BEIT3_FUSION_ENCODER, CACHE_BYTES_METRIC, CACHE_ENTRIES_METRIC, CACHE_METRICS,
                           EVF_SAM_PROMPTS, MAX_PROMPTS_PER_REQUEST, PROMPT_MASK_DECODER, SAM_IMAGE_ENCODER)
-from evfsam.tokenization import InvalidPrompt, PromptTokenizer, decode_prompt, pad_batch
+from evfsam.tokenization import InvalidPrompt, decode_prompt, pad_batch
 
 IMAGE, IMAGE_KEY, PROMPTS = (t.name for t in EVF_SAM_PROMPTS.inputs)
 MASKS, SCORES, KEY_OUT = (t.name for t in EVF_SAM_PROMPTS.outputs)
@@ -33,10 +34,10 @@ class EngineError(RuntimeError):
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.tokenizer = PromptTokenizer(version_dir / params["tokenizer_file"], int(params["max_text_tokens"]))
-        self.limits = ImageLimits(int(params["max_image_bytes"]), int(params["max_image_pixels"]))
+        params = config_parameters(config)
+        limits = InputLimits.from_parameters(params)
+        self.tokenizer = limits.tokenizer(Path(args["model_repository"]) / args["model_version"])
+        self.limits = limits.image_limits()
         self.cache = EmbeddingCache(int(params["cache_bytes"]))
         self._init_metrics()
 

@@ -36,6 +36,7 @@ from evfsam.specs import (
     TensorSpec,
 )
 from evfsam.specs import BEIT3_FUSION_ENCODER, PROMPT_MASK_DECODER, SAM_IMAGE_ENCODER
+from evfsam.model_config import InputLimits
 from evfsam.processing import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
 from .pbtxt import Enum, render
@@ -45,7 +46,8 @@ PREPROCESS = "preprocess"
 POSTPROCESS = "postprocess"
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "model_repository"
 # Light, torch-free modules the python-backend models import; copied so the repository stands alone.
-SERVING_MODULES = ("__init__.py", "specs.py", "processing.py", "tokenization.py", "embedding_cache.py")
+SERVING_MODULES = ("__init__.py", "specs.py", "processing.py", "tokenization.py", "embedding_cache.py",
+                   "model_config.py")
 EVFSAM_DIR = Path(__file__).resolve().parent.parent / "evfsam"
 
 PREPROCESS_OUTPUTS = tuple(t for g in (SAM_IMAGE_ENCODER, BEIT3_FUSION_ENCODER) for t in g.inputs) + (
@@ -233,12 +235,7 @@ def write_repository(output: Path, onnx_dir: Path, opts: RepositoryOptions = Rep
 
 
 def preprocess_parameters(opts: RepositoryOptions) -> Dict[str, object]:
-    return {
-        "tokenizer_file": TOKENIZER_FILE,
-        "max_text_tokens": opts.max_text_tokens,
-        "max_image_bytes": opts.max_image_bytes,
-        "max_image_pixels": opts.max_image_pixels,
-    }
+    return InputLimits(TOKENIZER_FILE, opts.max_text_tokens, opts.max_image_bytes, opts.max_image_pixels).to_parameters()
 
 
 def prompts_config(opts: RepositoryOptions) -> Dict:

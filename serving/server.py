@@ -114,8 +114,15 @@ class TritonServer:
     address: str = "127.0.0.1"
     log_file: Optional[Path] = None
     extra_args: List[str] = field(default_factory=list)
+    ready_timeout: float = 300.0  # for run() and `with`
     process: Optional[subprocess.Popen] = None
     work_dir: Optional[Path] = None
+
+    @classmethod
+    def on_free_ports(cls, repository: Path, **options) -> "TritonServer":
+        """A server on three loopback ports the OS says are free (tests, benchmarks)."""
+        http, grpc, metrics = free_ports(3)
+        return cls(repository, http, grpc, metrics, **options)
 
     @property
     def http_url(self) -> str:
@@ -209,14 +216,18 @@ class TritonServer:
             self.process.kill()
             return self.process.wait()
 
-    def __enter__(self) -> "TritonServer":
+    def run(self) -> "TritonServer":
+        """Start and wait until ready (`ready_timeout`); stopped again if it never gets there."""
         self.start()
         try:
-            self.wait_ready()
-        except Exception:
+            self.wait_ready(self.ready_timeout)
+        except BaseException:
             self.stop()
             raise
         return self
+
+    def __enter__(self) -> "TritonServer":
+        return self.run()
 
     def __exit__(self, *exc) -> None:
         self.stop()

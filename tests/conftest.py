@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from evfsam.specs import TOKENIZER_FILE
-from serving.server import free_ports
 
 # Room for two cached images (4.8 MB each): small enough that tests see evictions.
 TEST_CACHE_BYTES = 10 * 1024**2
@@ -93,14 +92,7 @@ class RunningServer:
 def start_server(repository: Path, checkpoint: Path, log_file: Path) -> RunningServer:
     from serving.server import TritonServer
 
-    http, grpc, metrics = free_ports(3)
-    server = TritonServer(repository, http, grpc, metrics, log_file=log_file)
-    server.start()
-    try:
-        server.wait_ready(timeout=300)
-    except Exception:
-        server.stop()
-        raise
+    server = TritonServer.on_free_ports(repository, log_file=log_file).run()
     return RunningServer(server.http_url, server.grpc_url, server.metrics_url, checkpoint, server)
 
 

@@ -14,9 +14,10 @@ from benchmarks.plots import write_all
 from benchmarks.report import comparison, served_prompt_rows, summary_markdown
 from benchmarks.samples import PROMPTS, SAMPLE_IMAGE, derived_images, load_samples
 from evfsam.embedding_cache import image_key
-from evfsam.specs import CACHE_METRICS, EVF_SAM_PROMPTS, SAM_IMAGE_ENCODER
+from evfsam.specs import EVF_SAM_PROMPTS, SAM_IMAGE_ENCODER
 from serving import metrics
 from tests import bench_support
+from tests.test_prompts_model import cache_counts
 
 IMAGE, IMAGE_KEY, PROMPTS_INPUT = EVF_SAM_PROMPTS.inputs
 
@@ -115,11 +116,6 @@ def test_report_and_plot_of_the_served_sweep(tmp_path):
     assert "## Encode once, prompt many" in markdown and "| 4 | 4.00 | 10.00 | 25.00 | 25.00 | 2.50× | 2.50× | 6.25× |" in markdown
 
 
-def _cache_counts(server) -> dict:
-    samples = metrics.scrape(server.metrics_url)
-    return {key: metrics.total(samples, name) for key, name in CACHE_METRICS.items()}
-
-
 @pytest.mark.triton
 @bench_support.needs_perf_analyzer
 def test_real_sweep_points_on_the_session_server(triton_server, samples, tmp_path):
@@ -127,7 +123,7 @@ def test_real_sweep_points_on_the_session_server(triton_server, samples, tmp_pat
     an `uncached` point against it is caught by the integrity check instead of being reported."""
     budget = replace(BUDGETS["tiny"], served_prompt_seconds=0.01, min_requests_per_stream=3)
     server = triton_server.server
-    before = _cache_counts(triton_server)
+    before = cache_counts(triton_server)
     by_bytes = prompt_sweep.measure_point(server, prompt_sweep.CACHED_BYTES, 4, samples[:1], budget, tmp_path, tmp_path)
     assert by_bytes["server_requests"] == by_bytes["request_count"] == 3
     assert by_bytes["cache"]["hits"] == 3 and by_bytes["cache"]["misses"] == 0
@@ -135,7 +131,7 @@ def test_real_sweep_points_on_the_session_server(triton_server, samples, tmp_pat
     assert by_bytes["prompts_per_s"] == pytest.approx(4000.0 / by_bytes["mean_ms"])
     by_key = prompt_sweep.measure_point(server, prompt_sweep.CACHED_KEY, 2, samples[:1], budget, tmp_path, tmp_path)
     assert by_key["cache"] == {"hits": 3, "misses": 0, "evictions": 0}
-    after = _cache_counts(triton_server)
+    after = cache_counts(triton_server)
     assert after["hits"] - before["hits"] >= 6
     with pytest.raises(prompt_sweep.SweepIntegrityError, match="uncached N=1: the server answered 3 requests with 0"):
         prompt_sweep.measure_point(server, prompt_sweep.UNCACHED, 1, samples[:1], budget, tmp_path, tmp_path)

@@ -232,7 +232,7 @@ def test_serve_command_stops_cleanly_on_sigterm(model_repository, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import free_ports
+    from serving.server import free_ports
 
     http, grpc, metrics = free_ports(3)
     log = open(tmp_path / "serve.log", "wb")
@@ -280,7 +280,7 @@ def test_serve_command_restarts_a_crashed_server(model_repository, tmp_path):
     import subprocess
     import sys
 
-    from tests.conftest import free_ports
+    from serving.server import free_ports
 
     http, grpc, metrics = free_ports(3)
     log_path = tmp_path / "serve.log"
