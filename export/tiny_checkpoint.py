@@ -52,15 +52,26 @@ def write_sentencepiece(out_dir: Path, seed: int = 0) -> None:
     """A small unigram sentencepiece model laid out like XLM-R's (unk=0, <s>=1, </s>=2)."""
     import random
 
+    rng = random.Random(seed)
+    train_sentencepiece(out_dir, [" ".join(rng.choices(WORDS, k=rng.randint(2, 9))) for _ in range(3000)], SPM_VOCAB)
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
+               "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"}
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "XLMRobertaTokenizer", "model_max_length": 512, **special}, indent=2)
+    )
+
+
+def train_sentencepiece(out_dir: Path, lines, vocab_size: int) -> Path:
+    """`sentencepiece.bpe.model` (unigram, XLM-R's piece ids: unk=0, <s>=1, </s>=2) trained on `lines`."""
     import sentencepiece as spm
 
-    rng = random.Random(seed)
     corpus = out_dir / "spm_corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(2, 9))) for _ in range(3000)))
+    corpus.write_text("\n".join(lines))
     spm.SentencePieceTrainer.train(
         input=str(corpus),
         model_prefix=str(out_dir / "sentencepiece.bpe"),
-        vocab_size=SPM_VOCAB,
+        vocab_size=vocab_size,
         model_type="unigram",
         character_coverage=1.0,
         unk_id=0,
@@ -72,12 +83,7 @@ def write_sentencepiece(out_dir: Path, seed: int = 0) -> None:
     )
     corpus.unlink()
     (out_dir / "sentencepiece.bpe.vocab").unlink()
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
-               "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"}
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
-    (out_dir / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "XLMRobertaTokenizer", "model_max_length": 512, **special}, indent=2)
-    )
+    return out_dir / "sentencepiece.bpe.model"
 
 
 def random_state_dict(config: EvfSamConfig, seed: int) -> Dict[str, torch.Tensor]:
