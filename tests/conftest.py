@@ -23,6 +23,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sam2_checkpoint(tmp_path_factory) -> Path:
+    """EVF-SAM2 (SAM-2 Hiera) in miniature, multitask tokenizer ("[semantic]")."""
+    from export.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_sam2_checkpoint"), family="sam2", multitask=True)
+
+
+@pytest.fixture(scope="session")
 def loaded_model(tiny_checkpoint):
     from evfsam.checkpoint import load_evf_sam
 

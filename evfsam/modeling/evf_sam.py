@@ -2,41 +2,26 @@
 
 Parameter names are upstream's (hustvl/EVF-SAM `model/evf_sam.py`): `visual_model.*`,
 `mm_extractor.beit3.*`, `text_hidden_fcs.0.{0,2}.*`, so a published state dict loads unchanged.
+`encode_prompt` (BEiT-3 + projection) comes from `EvfBase`, shared with EVF-SAM2.
 """
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
-from torch import nn
 
 from . import sam_modeling
 from .beit3 import BEiT3Wrapper
+from .evf_base import EvfBase
 
 
-class EvfSamModel(nn.Module):
+class EvfSamModel(EvfBase):
     def __init__(self, visual_model: sam_modeling.Sam, mm_extractor: BEiT3Wrapper, hidden_size: int, out_dim: int):
-        super().__init__()
-        self.visual_model = visual_model
-        self.mm_extractor = mm_extractor
-        self.text_hidden_fcs = nn.ModuleList(
-            [nn.Sequential(nn.Linear(hidden_size, hidden_size), nn.ReLU(), nn.Linear(hidden_size, out_dim))]
-        )
+        super().__init__(visual_model, mm_extractor, hidden_size, out_dim)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """[B,3,1024,1024] normalised, padded SAM view -> [B,256,64,64]."""
         return self.visual_model.image_encoder(images)
-
-    def encode_prompt(
-        self, images_evf: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """BEiT-3 fusion of the 224x224 view and the tokens; its [CLS] through the MLP -> [B,1,256]."""
-        encoder_out = self.mm_extractor.beit3(
-            visual_tokens=images_evf,
-            textual_tokens=input_ids,
-            text_padding_position=attention_mask == 0,
-        )
-        return self.text_hidden_fcs[0](encoder_out[:, :1, :])
 
     def decode_masks(
         self, image_embeddings: torch.Tensor, text_embeds: torch.Tensor
