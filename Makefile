@@ -18,6 +18,9 @@ ADDRESS ?= 127.0.0.1
 PROMPT ?= zebra top left
 IMAGE ?= assets/sample.jpg
 PYTEST_ARGS ?=
+# Meta's SAM-2, the reference of the SAM-2 parity tests (see the install recipe).
+SAM2_REFERENCE := sam2==1.1.0
+SETUPTOOLS := setuptools==84.2.1
 export PYTHONPATH := $(CURDIR)
 
 .PHONY: help install test test-slow demo export onnx engines repository serve bench clean
@@ -32,10 +35,16 @@ help:
 
 install: $(VENV)/.installed
 
+# sam2 (SAM2_REFERENCE) ships as an sdist whose setup.py imports torch, and it declares torchvision
+# and hydra-core, which would replace the CPU torch: it is built against the installed torch, without
+# its CUDA extension and without its dependencies (what its modeling package imports comes with
+# ".[all]": iopath, portalocker).
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 	set -o pipefail; $(PY) -m pip install --quiet --disable-pip-version-check -e ".[all]" 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PY) -m pip install --quiet --disable-pip-version-check $(SETUPTOOLS)
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation $(SAM2_REFERENCE)
 	touch $@
 
 test: install

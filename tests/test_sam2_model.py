@@ -25,7 +25,7 @@ EVF_SAM2_CONFIG = {"architectures": ["EvfSam2Model"], "bos_token_id": 0, "eos_to
                    "sam_scale": "large", "tie_word_embeddings": False, "torch_dtype": "float16",
                    "transformers_version": "4.43.3"}
 EVF_SAM_CONFIG = {**EVF_SAM2_CONFIG, "architectures": ["EvfSamModel"], "sam_scale": "huge"}
-PROMPTS = 8
+PROMPTS = 4
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def sample_image() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def features(models, sample_image):
-    """(ours, upstream's) image features of the sample image, and 8 prompts' text embeddings."""
+    """(ours, upstream's) image features of the sample image, and PROMPTS prompts' text embeddings."""
     ours, theirs = models
     with torch.inference_mode():
         our_features = ours.encode_image(sample_image)
@@ -59,6 +59,15 @@ def features(models, sample_image):
             torch.ones(PROMPTS, 7, dtype=torch.long),
         )
     return our_features, their_features, text
+
+
+@pytest.fixture(scope="module")
+def decoded(models, features):
+    """Our decode_masks for the sample image (M=1) and all prompts, per mask selection."""
+    ours, _ = models
+    (embeddings, feats_0, feats_1), _, text = features
+    with torch.inference_mode():
+        return {mode: ours.decode_masks(embeddings, feats_0, feats_1, text, mode) for mode in MASK_SELECTIONS}
 
 
 def _assert_close(ours, theirs, atol, name=""):
@@ -134,12 +143,12 @@ def test_encode_image_matches_upstream_image_path(features):
 
 
 @pytest.mark.parametrize("mask_selection, multimask_output", [(MULTIMASK_BEST, True), (SINGLE_STABILITY, False)])
-def test_decode_masks_matches_upstream(models, features, mask_selection, multimask_output):
-    """One image, 8 prompts; in single-stability mode the fallback triggers for some prompts only."""
-    ours, theirs = models
+def test_decode_masks_matches_upstream(models, features, decoded, mask_selection, multimask_output):
+    """One image, several prompts; in single-stability mode the fallback triggers for some prompts only."""
+    _, theirs = models
     (embeddings, feats_0, feats_1), _, text = features
+    masks, iou = decoded[mask_selection]
     with torch.inference_mode():
-        masks, iou = ours.decode_masks(embeddings, feats_0, feats_1, text, mask_selection)
         ref_masks, ref_iou = upstream_decode(theirs, embeddings, feats_0, feats_1, text, multimask_output)
     assert masks.shape == (PROMPTS, 1, 256, 256) and iou.shape == (PROMPTS, 1)
     _assert_close(masks, ref_masks, 1e-4, "mask logits")
@@ -158,18 +167,18 @@ def test_decode_masks_matches_upstream(models, features, mask_selection, multima
 
 
 @pytest.mark.parametrize("mask_selection", MASK_SELECTIONS)
-def test_broadcast_image_equals_paired_images(models, features, mask_selection):
+def test_broadcast_image_equals_paired_images(models, features, decoded, mask_selection):
     """M=1 image for N prompts == the image repeated (M=N, image i with prompt i)."""
     ours, _ = models
     (embeddings, feats_0, feats_1), _, text = features
+    broadcast = decoded[mask_selection]
     with torch.inference_mode():
-        broadcast = ours.decode_masks(embeddings, feats_0, feats_1, text, mask_selection)
         paired = ours.decode_masks(*(f.repeat(PROMPTS, 1, 1, 1) for f in (embeddings, feats_0, feats_1)), text,
                                    mask_selection)
-        single = ours.decode_masks(embeddings, feats_0, feats_1, text[3:4], mask_selection)
+        single = ours.decode_masks(embeddings, feats_0, feats_1, text[2:3], mask_selection)
     _assert_close(broadcast[0], paired[0], 1e-4, "masks")  # logits of O(10): float32 rounding
     _assert_close(broadcast[1], paired[1], 1e-6, "iou")
-    _assert_close(broadcast[0][3:4], single[0], 1e-4, "prompt 3 alone")
+    _assert_close(broadcast[0][2:3], single[0], 1e-4, "prompt 2 alone")
 
 
 def test_mask_selection_is_checked(models, features):
@@ -177,3 +186,74 @@ def test_mask_selection_is_checked(models, features):
     (embeddings, feats_0, feats_1), _, text = features
     with pytest.raises(ValueError, match="mask_selection 'best'"):
         ours.decode_masks(embeddings, feats_0, feats_1, text, "best")
+
+
+class _EncodeImageGraph(torch.nn.Module):
+    """What an export wrapper does: the trunk position embedding held as a constant."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.register_buffer("trunk_position_embedding", model.trunk_position_embedding().detach())
+
+    def forward(self, images):
+        return self.model.encode_image(images, self.trunk_position_embedding)
+
+
+class _DecodeMasksGraph(torch.nn.Module):
+    def __init__(self, model, mask_selection):
+        super().__init__()
+        self.model = model
+        self.mask_selection = mask_selection
+
+    def forward(self, image_embeddings, high_res_feats_0, high_res_feats_1, text_embeds):
+        return self.model.decode_masks(image_embeddings, high_res_feats_0, high_res_feats_1, text_embeds,
+                                       self.mask_selection)
+
+
+def _export(module, args, path, input_names, output_names, dynamic_axes):
+    import warnings
+
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), args, str(path), dynamo=False, input_names=input_names,
+                          output_names=output_names, dynamic_axes=dynamic_axes, opset_version=17)
+    import onnx
+    import onnxruntime
+
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    return ops, onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("mask_selection", MASK_SELECTIONS)
+def test_decoder_traces_to_onnx_with_image_and_prompt_batches(models, features, decoded, tmp_path, mask_selection):
+    """One graph serves M=1 (broadcast) and M=N (paired) images for any N; the mode is baked in."""
+    ours, _ = models
+    (embeddings, feats_0, feats_1), _, text = features
+    names = ["image_embeddings", "high_res_feats_0", "high_res_feats_1", "text_embeds"]
+    axes = {**{n: {0: "images"} for n in names[:3]}, "text_embeds": {0: "prompts"},
+            "low_res_masks": {0: "prompts"}, "iou_predictions": {0: "prompts"}}
+    ops, session = _export(_DecodeMasksGraph(ours, mask_selection), (embeddings, feats_0, feats_1, text[:2]),
+                           tmp_path / "decoder.onnx", names, ["low_res_masks", "iou_predictions"], axes)
+    assert not ops & {"Resize", "Tile", "Loop", "If"}
+    expected = decoded[mask_selection]
+    for images in (1, PROMPTS):
+        image_inputs = [f.repeat(images, 1, 1, 1).numpy() for f in (embeddings, feats_0, feats_1)]
+        masks, iou = session.run(None, dict(zip(names, image_inputs + [text.numpy()])))
+        np.testing.assert_allclose(masks, expected[0].numpy(), rtol=0, atol=2e-4)
+        np.testing.assert_allclose(iou, expected[1].numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_image_encoder_traces_to_onnx_without_resize_or_tile(models, features, sample_image, tmp_path):
+    """At 1024x1024 with a dynamic batch; bicubic Resize and Tile would not be TensorRT-friendly.
+    (Slow: ~20 s on 2 cores; the export integration tests run the same graph.)"""
+    ours, _ = models
+    names = ["image_embeddings", "high_res_feats_0", "high_res_feats_1"]
+    ops, session = _export(_EncodeImageGraph(ours), (sample_image,), tmp_path / "encoder.onnx", ["images"], names,
+                           {n: {0: "batch"} for n in ["images"] + names})
+    assert not ops & {"Resize", "Tile", "Loop", "If"}
+    outputs = session.run(None, {"images": sample_image.repeat(2, 1, 1, 1).numpy()})
+    for name, output, expected in zip(names, outputs, features[0]):
+        for row in output:
+            np.testing.assert_allclose(row, expected[0].numpy(), rtol=0, atol=1e-4, err_msg=name)
