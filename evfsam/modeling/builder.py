@@ -52,6 +52,7 @@ SAM_IMAGE_ENCODERS: Dict[str, SamImageEncoderConfig] = {
     "base": SamImageEncoderConfig(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
 }
 
+
 @dataclass(frozen=True)
 class HieraConfig:
     embed_dim: int
@@ -88,6 +89,7 @@ PIXEL_STD = SAM_PIXEL_STD.tolist()
 
 SAM_OVERRIDE_KEYS = frozenset(f.name for f in fields(SamImageEncoderConfig))
 SAM2_OVERRIDE_KEYS = frozenset(f.name for f in fields(HieraConfig))
+IMAGE_ENCODER_BLOCKS = {"ori": "sam_image_encoder", "sam2": "sam2_image_encoder"}
 BEIT3_OVERRIDE_KEYS = frozenset(
     {"embed_dim", "layers", "attention_heads", "ffn_embed_dim", "vocab_size", "img_size", "patch_size"}
 )
@@ -107,7 +109,7 @@ class EvfSamConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "EvfSamConfig":
-        hidden_size, out_dim, beit_scale, beit3 = _common_fields(raw, other_family_block="sam2_image_encoder")
+        hidden_size, out_dim, beit_scale, beit3 = _common_fields(raw, cls.family)
         sam_scale = _choice(raw, "sam_scale", SAM_IMAGE_ENCODERS, default="huge")
         sam = _override(SAM_IMAGE_ENCODERS[sam_scale], raw.get("sam_image_encoder"), SAM_OVERRIDE_KEYS, "sam_image_encoder")
         sam = replace(sam, global_attn_indexes=tuple(sam.global_attn_indexes))
@@ -130,7 +132,7 @@ class EvfSam2Config:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "EvfSam2Config":
-        hidden_size, out_dim, beit_scale, beit3 = _common_fields(raw, other_family_block="sam_image_encoder")
+        hidden_size, out_dim, beit_scale, beit3 = _common_fields(raw, cls.family)
         sam_scale = _choice(raw, "sam_scale", SAM2_IMAGE_ENCODERS, default=None)
         hiera = _override(SAM2_IMAGE_ENCODERS[sam_scale], raw.get("sam2_image_encoder"), SAM2_OVERRIDE_KEYS, "sam2_image_encoder")
         hiera = _check_hiera(replace(
@@ -155,12 +157,13 @@ def config_from_dict(raw: Mapping[str, Any], family: str) -> EvfConfig:
     return CONFIGS[family].from_dict(raw)
 
 
-def _common_fields(raw: Mapping[str, Any], other_family_block: str) -> Tuple[int, int, str, BEiT3Config]:
+def _common_fields(raw: Mapping[str, Any], family: str) -> Tuple[int, int, str, BEiT3Config]:
     model_type = raw.get("model_type")
     if model_type != "evf":
         raise ConfigError(f"config.json: model_type is {model_type!r}, expected 'evf'")
-    if other_family_block in raw:
-        raise ConfigError(f"config.json: {other_family_block!r} belongs to the other EVF-SAM family than the weights")
+    for other, block in IMAGE_ENCODER_BLOCKS.items():
+        if other != family and block in raw:
+            raise ConfigError(f"config.json: {block!r} sizes an EVF-SAM {other!r} image encoder, not {family!r}")
     beit_scale = _choice(raw, "mm_extractor_scale", BEIT3_ENCODERS, default=None)
     beit3 = _override(BEIT3_ENCODERS[beit_scale], raw.get("beit3"), BEIT3_OVERRIDE_KEYS, "beit3")
     for key in ("hidden_size", "out_dim"):
