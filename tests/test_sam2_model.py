@@ -194,7 +194,7 @@ class _EncodeImageGraph(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
-        self.register_buffer("trunk_position_embedding", model.trunk_position_embedding().detach())
+        self.register_buffer("trunk_position_embedding", model.trunk_position_embedding())
 
     def forward(self, images):
         return self.model.encode_image(images, self.trunk_position_embedding)

@@ -27,6 +27,7 @@ class EvfSam2Model(EvfBase):
     def __init__(self, visual_model: Sam2Base, mm_extractor: BEiT3Wrapper, hidden_size: int, out_dim: int):
         super().__init__(visual_model, mm_extractor, hidden_size, out_dim)
 
+    @torch.no_grad()
     def trunk_position_embedding(self) -> torch.Tensor:
         """Hiera's position embedding for a 1024x1024 input, [1,256,256,C]: weights only, so an
         export can hold it as a constant instead of bicubic-resizing and tiling in the graph."""
