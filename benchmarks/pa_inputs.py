@@ -75,7 +75,7 @@ def ensemble_input_data(samples: Sequence[Sample]) -> Dict[str, list]:
 def prompts_input_data(samples: Sequence[Sample], count: int, by_key: bool = False) -> Dict[str, list]:
     """Steps for `evf_sam_prompts`: one step per distinct image, holding its file bytes (or, with
     `by_key`, only its image_key) and `count` prompts: the sample's own, then the others in turn."""
-    image, key, prompts = EVF_SAM_PROMPTS.inputs
+    image, key, prompts = (EVF_SAM_PROMPTS.input(n) for n in ("image", "image_key", "prompts"))
     steps, seen = [], set()
     for sample in samples:
         if sample.image in seen:

@@ -42,8 +42,8 @@ class ImageLimits:
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
-def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
-    """Encoded image bytes -> RGB uint8 [H, W, 3], as upstream's `cv2.imread` + `cvtColor`."""
+def checked_image_size(data: bytes, limits: ImageLimits = ImageLimits()) -> Tuple[int, int]:
+    """(H, W) from the header alone, after the size checks that precede any decoding."""
     if len(data) == 0:
         raise InvalidImage("image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -53,6 +53,12 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray
         raise InvalidImage(
             f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels} pixels"
         )
+    return height, width
+
+
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray:
+    """Encoded image bytes -> RGB uint8 [H, W, 3], as upstream's `cv2.imread` + `cvtColor`."""
+    checked_image_size(data, limits)
     bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if bgr is None or bgr.ndim != 3 or bgr.shape[0] == 0 or bgr.shape[1] == 0:
         raise InvalidImage("image could not be decoded (corrupt or truncated file?)")

@@ -3,11 +3,14 @@
     python -m serving.server --repository build/model_repository [--http-port 8000 ...]
 
 Runs in the foreground until SIGTERM / SIGINT, restarting tritonserver if it crashes (tritonserver
-2.51 can crash when a gRPC client cancels a request in flight: triton-inference-server issue 7368).  Then it drains first: it waits (up to
---drain-timeout) until no request is inside the evf_sam pipeline, and only then sends SIGTERM to
-tritonserver.  Triton 2.51 alone would refuse the later ensemble steps of requests already in flight
-("Server is stopping"), failing them.  The recipe (python-backend stub copied next to
-the backend, the running Python's LIBDIR first on LD_LIBRARY_PATH) is in ../shared/triton-on-cpu.md.
+2.51 can crash when a gRPC client cancels a request in flight: triton-inference-server issue 7368).
+On a stop it drains first: it waits (up to --drain-timeout) until no request is inside `evf_sam` or
+`evf_sam_prompts` (each counts its requests in and out in one try/finally, so a failed or rejected
+request cannot leave a phantom) and none is queued at any model, and only then sends SIGTERM to
+tritonserver.  Triton 2.51 alone would refuse the BLS calls of requests already in flight ("Server is
+stopping"), failing them.  At start it prints what the repository serves (its provenance record).
+The recipe (python-backend stub copied next to the backend, the running Python's LIBDIR first on
+LD_LIBRARY_PATH) is in ../shared/triton-on-cpu.md.
 """
 from __future__ import annotations
 
@@ -261,7 +264,8 @@ def main(argv=None) -> int:
         server.stop(drain_timeout=0)
         return 1
     if not stop_requested:
-        print(f"\nEVF-SAM is being served: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}\n"
+        print(f"\n{served_model_line(args.repository)}\n"
+              f"EVF-SAM is being served: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}\n"
               f"  python -m clients.segment --url {server.grpc_url} --protocol grpc --image IMAGE --prompt 'zebra top left'\n"
               f"  curl -s http://{server.http_url}/v2/models/evf_sam\n"
               "Stop with Ctrl-C (or SIGTERM): requests in flight are finished first.", flush=True)
@@ -285,6 +289,18 @@ def main(argv=None) -> int:
     code = server.stop(drain_timeout=args.drain_timeout)
     print(f"tritonserver stopped (exit code {code})", flush=True)
     return 0 if code == 0 else 1
+
+
+def served_model_line(repository: Path) -> str:
+    """What the repository serves, from the record it was generated with (serving/repository.py)."""
+    from .repository import read_repository_provenance
+
+    recorded = read_repository_provenance(repository)
+    if recorded is None:
+        return f"warning: {repository} has no provenance record; what it serves is unknown (run `make repository`)"
+    export, options = recorded["export"], recorded["options"]
+    return (f"model: {export['checkpoint']} (sha256 {export['checkpoint_sha256'][:12]}), family {export['family']}, "
+            f"recipe {export['recipe']}; engines {options['flavor']} on {options['device']}")
 
 
 def _wait_ready_unless_stopped(server: TritonServer, timeout: float, stop_requested: list) -> None:

@@ -19,7 +19,7 @@ from serving import metrics
 from tests import bench_support
 from tests.test_prompts_model import cache_counts
 
-IMAGE, IMAGE_KEY, PROMPTS_INPUT = EVF_SAM_PROMPTS.inputs
+IMAGE, IMAGE_KEY, PROMPTS_INPUT = (EVF_SAM_PROMPTS.input(n) for n in ("image", "image_key", "prompts"))
 
 
 @pytest.fixture(scope="module")

@@ -216,13 +216,20 @@ def test_graceful_stop_finishes_requests_in_flight(model_repository, tiny_checkp
     for thread in threads:
         thread.start()
     started.wait()
-    time.sleep(0.3)  # let the requests reach the server
+    _wait_until(lambda: running.server.requests_in_flight() >= 6)  # all six inside the server
     code = running.server.stop()
     for thread in threads:
         thread.join(60)
     assert not errors, [str(e) for e in errors]
     assert len(results) == 6
     assert code == 0
+
+
+def _wait_until(condition, timeout=60.0):
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition not reached"
+        time.sleep(0.05)
 
 
 def test_serve_command_stops_cleanly_on_sigterm(model_repository, tmp_path):

@@ -26,8 +26,9 @@ class EvfSamModel(EvfBase):
     def decode_masks(
         self, image_embeddings: torch.Tensor, text_embeds: torch.Tensor
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Pairs image i with prompt i (upstream runs one image at a time; its mask decoder would
-        repeat each image for every prompt).  Returns single-mask logits [B,1,256,256] and IoU [B,1].
+        """`text_embeds` [N,1,256] with `image_embeddings` [1,256,64,64] (one image broadcast over the N
+        prompts, as upstream's decoder repeats an image for every prompt) or [N,256,64,64] (image i
+        with prompt i).  Returns single-mask logits [N,1,256,256] and IoU [N,1].
         """
         prompt_encoder = self.visual_model.prompt_encoder
         decoder = self.visual_model.mask_decoder
@@ -41,7 +42,7 @@ class EvfSamModel(EvfBase):
 
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse), dim=1)
-        src = image_embeddings + dense
+        src = image_embeddings.expand(batch, -1, -1, -1) + dense
         pos_src = image_pe.expand(batch, -1, -1, -1)
         b, c, h, w = src.shape
         hs, src = decoder.transformer(src, pos_src, tokens)
