@@ -29,9 +29,9 @@ on the float tensor (torch bicubic, a = -0.75, half-pixel centres, clamped borde
 means no antialias on tensors.)  SAM-2 recipes postprocess masks with one bilinear resize of the 256x256
 logits straight to the original size.
 
-decode: `cv2.imdecode(IMREAD_COLOR)` + BGR->RGB, exactly what upstream's `cv2.imread` does (grey and
-palette images to 3 channels, alpha dropped, 16-bit scaled to 8-bit, EXIF orientation applied), behind
-size checks that reject oversized payloads and decompression bombs before decoding.
+decode: `cv2.imdecode(IMREAD_COLOR_RGB)`, the same pixels as upstream's `cv2.imread` + BGR->RGB (grey
+and palette images to 3 channels, alpha dropped, 16-bit scaled to 8-bit, EXIF orientation applied),
+behind size checks that reject oversized payloads and decompression bombs before decoding.
 """
 from __future__ import annotations
 
@@ -51,9 +51,12 @@ BEIT3_MEAN = 0.5
 BEIT3_STD = 0.5
 CUBIC_A = -0.75  # PyTorch's bicubic coefficient
 TORCH_UINT8_MAX_PRECISION = 22  # torch tries weight precisions 0..21 for its int16 uint8 weights
+FLOAT32_EXACT_PRECISION = 15  # 8 integer + 16 fractional bits fit float32's 24-bit significand
 EXIF_ORIENTATION_TAG = 0x0112
 TIFF_ORIENTATION_TAG = 274
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+_IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
 
 DEFAULT_MAX_IMAGE_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
@@ -137,10 +140,14 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray
         raise InvalidImage(
             f"image is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels} pixels"
         )
-    bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None or bgr.ndim != 3 or bgr.shape[0] == 0 or bgr.shape[1] == 0:
+    if _IMREAD_RGB is None:  # OpenCV < 4.10: decode to BGR, swap like upstream
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        rgb = None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    else:  # the same decoder and conversions, channels written in RGB order (one pass less)
+        rgb = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), _IMREAD_RGB)
+    if rgb is None or rgb.ndim != 3 or rgb.shape[0] == 0 or rgb.shape[1] == 0:
         raise InvalidImage("image could not be decoded (corrupt or truncated file?)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return rgb
 
 
 def image_header_size(data: bytes) -> Size:
@@ -317,7 +324,13 @@ def torch_uint8_bilinear(rgb: np.ndarray, out_height: int, out_width: int) -> np
 
 
 def _resample_lines(lines: np.ndarray, taps: FixedPointTaps) -> np.ndarray:
-    """out[j] = clamp((k0 * lines[first] + k1 * lines[first + 1] + 2**(p-1)) >> p, 0, 255), exactly."""
+    """out[j] = clamp((k0 * lines[first] + k1 * lines[first + 1] + 2**(p-1)) >> p, 0, 255), exactly.
+
+    Two weights summing to ~2**p give p <= 15, so every product, sum and the 2**-(p+1) offset is a
+    multiple of 2**-(p+1) below 256: at most 24 significant bits, exact in OpenCV's float32 arithmetic.
+    """
+    if taps.precision > FLOAT32_EXACT_PRECISION:
+        raise ValueError(f"weight precision {taps.precision} > {FLOAT32_EXACT_PRECISION}: float32 sums would round")
     out = np.empty((len(taps.first), lines.shape[1]), dtype=np.uint8)
     unit = 2.0 ** -taps.precision
     half = 2.0 ** -(taps.precision + 1)
@@ -428,8 +441,8 @@ class MaskResizer:
     Results equal `logits(...) > 0` except where the logit is zero up to float32 rounding.
     """
 
-    MIXED_VALUES_PER_CHUNK = 1 << 20  # logits computed at once (bounds the scratch memory)
     DENSE_SHARE = 1 / 4  # computing every logit is cheaper once the boundary blocks cover this share
+    DENSE_VALUES_PER_STRIP = 1 << 20  # logits the all-logits path holds at once
 
     def __init__(self, resized_hw: Size, original_hw: Size, recipe: RecipeLike = "ori"):
         self.recipe = get_recipe(recipe)
@@ -460,35 +473,38 @@ class MaskResizer:
         by_column = np.take(positives == weighted, cols.of_index, axis=1)
         np.take(by_column, rows.of_index, axis=0, out=out, mode="clip")
         mixed_row_run, mixed_col_run = np.nonzero((positives > 0) & (positives < weighted))
-        block = int(rows.length.max()) * int(cols.length.max())
-        if len(mixed_row_run) * block > self.DENSE_SHARE * out.size:  # noise-like logits: compute them all
-            self._dense_signs(low_res, out)
-            return out
-        chunk = max(1, self.MIXED_VALUES_PER_CHUNK // block)
-        for first in range(0, len(mixed_row_run), chunk):
-            self._resolve(low_res, out, mixed_row_run[first:first + chunk], mixed_col_run[first:first + chunk])
+        if (rows.length[mixed_row_run] * cols.length[mixed_col_run]).sum() > self.DENSE_SHARE * out.size:
+            self._dense_signs(low_res, out)  # noise-like logits: computing them all is cheaper
+        elif len(mixed_row_run):
+            self._resolve(low_res, out, mixed_row_run, mixed_col_run)
         return out
 
     def _dense_signs(self, low_res: np.ndarray, out: np.ndarray) -> None:
         across = _resample_axis(low_res, self.cols, axis=1)
-        strip = max(1, self.MIXED_VALUES_PER_CHUNK // self.original_hw[1])
+        strip = max(1, self.DENSE_VALUES_PER_STRIP // self.original_hw[1])
         for top in range(0, self.original_hw[0], strip):
             rows = AxisTaps(self.rows.base[top:top + strip], self.rows.weights[top:top + strip])
             np.greater(_resample_axis(across, rows, axis=0), 0, out=out[top:top + strip])
 
     def _resolve(self, low_res: np.ndarray, out: np.ndarray, row_run: np.ndarray, col_run: np.ndarray) -> None:
-        """Logits of every pixel in the given (row run, column run) blocks; their signs go to `out`."""
+        """Logits of every pixel in the given (row run, column run) blocks, sorted by row run; signs to `out`."""
         rows, cols = self._row_runs, self._col_runs
-        ys, y_valid = _run_members(rows, row_run, self.original_hw[0])  # [B, Lr]
-        xs, x_valid = _run_members(cols, col_run, self.original_hw[1])  # [B, Lc]
+        widths = cols.length[col_run]
+        xs = np.repeat(cols.start[col_run], widths) + np.arange(widths.sum()) - np.repeat(np.cumsum(widths) - widths, widths)
+        run_of_x = np.repeat(row_run, widths)
         taps_y, taps_x = self.rows.weights.shape[1], self.cols.weights.shape[1]
-        patch_rows = np.minimum(rows.base[row_run, None] + np.arange(taps_y), LOW_RES_MASK_SIZE - 1)
-        patch_cols = np.minimum(cols.base[col_run, None] + np.arange(taps_x), LOW_RES_MASK_SIZE - 1)
-        patch = low_res[patch_rows[:, :, None], patch_cols[:, None, :]]  # [B, Ky, Kx]
-        values = self.rows.weights[ys] @ patch @ self.cols.weights[xs].transpose(0, 2, 1)  # [B, Lr, Lc]
-        valid = y_valid[:, :, None] & x_valid[:, None, :]
-        flat = ys[:, :, None] * self.original_hw[1] + xs[:, None, :]
-        out.reshape(-1)[flat[valid]] = values[valid] > 0
+        padded = np.pad(low_res, ((0, taps_y), (0, taps_x)), mode="edge")  # taps past the edge weigh 0
+        corner = rows.base[run_of_x] * padded.shape[1] + self.cols.base[xs]
+        col_weights = self.cols.weights[xs]
+        across = np.zeros((taps_y, len(xs)), dtype=np.float32)  # each column resampled, per row it reads
+        for k in range(taps_y):
+            for l in range(taps_x):
+                across[k] += padded.ravel()[corner + (k * padded.shape[1] + l)] * col_weights[:, l]
+        edges = np.flatnonzero(np.r_[True, run_of_x[1:] != run_of_x[:-1], True])
+        for first, last in zip(edges[:-1].tolist(), edges[1:].tolist()):
+            top = int(rows.start[run_of_x[first]])
+            bottom = top + int(rows.length[run_of_x[first]])
+            out[top:bottom, xs[first:last]] = self.rows.weights[top:bottom] @ across[:, first:last] > 0
 
 
 @dataclass(frozen=True)
@@ -522,13 +538,6 @@ def _count_in_runs(flags: np.ndarray, runs: _Runs, axis: int) -> np.ndarray:
         picked *= used[:, None] if axis == 0 else used[None, :]
         count = picked if count is None else count + picked
     return count
-
-
-def _run_members(runs: _Runs, run: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Output indices [B, longest run] of the given runs (clamped) and which of them belong to the run."""
-    offsets = np.arange(int(runs.length.max()))
-    members = runs.start[run, None] + offsets
-    return np.minimum(members, size - 1), offsets < runs.length[run, None]
 
 
 def _resample_axis(values: np.ndarray, taps: AxisTaps, axis: int) -> np.ndarray:
