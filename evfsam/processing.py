@@ -53,7 +53,7 @@ CUBIC_A = -0.75  # PyTorch's bicubic coefficient
 TORCH_UINT8_MAX_PRECISION = 22  # torch tries weight precisions 0..21 for its int16 uint8 weights
 FLOAT32_EXACT_PRECISION = 15  # 8 integer + 16 fractional bits fit float32's 24-bit significand
 EXIF_ORIENTATION_TAG = 0x0112
-TIFF_ORIENTATION_TAG = 274
+EXIF_ROTATED_FORMATS = ("JPEG", "MPO", "PNG")  # formats whose EXIF orientation cv2.imdecode applies
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 _IMREAD_RGB = getattr(cv2, "IMREAD_COLOR_RGB", None)
@@ -153,12 +153,14 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> np.ndarray
 def image_header_size(data: bytes) -> Size:
     """(width, height) as `decode_image` will return them, read from the header alone (no pixel decoded).
 
-    EXIF orientations 5-8 swap the two, as OpenCV applies them; the product is the pixel count either way.
+    OpenCV applies an EXIF orientation of 5-8 (a transpose) in JPEG and PNG files, so those sizes are
+    swapped; PIL already reports TIFFs oriented, and OpenCV leaves WebP unrotated.  The product is the
+    pixel count either way.
     """
     try:
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            if _header_orientation(img) in TRANSPOSING_ORIENTATIONS:
+            if img.format in EXIF_ROTATED_FORMATS and _exif_orientation(img) in TRANSPOSING_ORIENTATIONS:
                 return height, width
             return width, height
     except Image.DecompressionBombError as exc:
@@ -167,11 +169,9 @@ def image_header_size(data: bytes) -> Size:
         raise InvalidImage("data is not a recognised image format (JPEG, PNG, WebP, BMP, TIFF, ...)") from exc
 
 
-def _header_orientation(img: Image.Image) -> int:
-    """The orientation tag from metadata PIL has already read at open (never loads pixels)."""
-    tiff_tags = getattr(img, "tag_v2", None)
-    if tiff_tags is not None and TIFF_ORIENTATION_TAG in tiff_tags:
-        return int(tiff_tags[TIFF_ORIENTATION_TAG])
+def _exif_orientation(img: Image.Image) -> int:
+    """The orientation tag of EXIF metadata PIL read at open (never loads pixels: PNG's eXIf after the
+    image data is not seen, and OpenCV does not apply that one either)."""
     raw = img.info.get("exif")
     if not raw:
         return 1

@@ -288,6 +288,17 @@ def test_decode_matches_cv2_imread(tmp_path, case):
         assert ours.shape[:2] == (100, 60)  # orientation applied
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_header_size_is_the_decoded_size(fmt, orientation):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(scene(60, 100)).save(buffer, fmt, exif=exif.tobytes())
+    rgb = decode_image(buffer.getvalue())
+    assert image_header_size(buffer.getvalue()) == (rgb.shape[1], rgb.shape[0])
+
+
 @pytest.mark.parametrize("data, message", [
     (b"", "empty"),
     (b"this is not an image at all", "not a recognised image format"),
