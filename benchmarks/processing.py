@@ -172,7 +172,8 @@ def summary_markdown(results: Dict[str, object]) -> str:
         f"Python {info['python']}; " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
         f"Load average (1/5/15 min) before {meta['load_average']['before']}, after {meta['load_average']['after']}; "
         f"other jobs used {meta['others_cpu_share']:.0%} of the machine's CPU time while this ran "
-        "(CPU-time figures below are this thread's own, so they stay meaningful on a busy machine; wall time does not).",
+        "(CPU time is this thread's own, without the waiting a busy machine adds to wall time; contention for caches "
+        "and memory still inflates it, so compare runs made at similar load).",
         f"Input: {meta['input']}.",
         "",
         "| stage | variant | CPU p50 ms | CPU p90 ms | wall p50 ms | wall p90 ms | vs before (CPU p50) | bytes |",
