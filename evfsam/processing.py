@@ -500,11 +500,18 @@ class MaskResizer:
         for k in range(taps_y):
             for l in range(taps_x):
                 across[k] += padded.ravel()[corner + (k * padded.shape[1] + l)] * col_weights[:, l]
-        edges = np.flatnonzero(np.r_[True, run_of_x[1:] != run_of_x[:-1], True])
-        for first, last in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        run_edges = np.flatnonzero(np.r_[True, run_of_x[1:] != run_of_x[:-1], True]).tolist()
+        span_edges = np.flatnonzero(np.r_[True, (run_of_x[1:] != run_of_x[:-1]) | (xs[1:] != xs[:-1] + 1), True]).tolist()
+        spans = iter(zip(span_edges[:-1], span_edges[1:]))
+        for first, last in zip(run_edges[:-1], run_edges[1:]):  # one matmul per row run ...
             top = int(rows.start[run_of_x[first]])
             bottom = top + int(rows.length[run_of_x[first]])
-            out[top:bottom, xs[first:last]] = self.rows.weights[top:bottom] @ across[:, first:last] > 0
+            signs = self.rows.weights[top:bottom] @ across[:, first:last] > 0
+            for start, end in spans:  # ... written as contiguous column spans (slices, not fancy indexing)
+                x0 = int(xs[start])
+                out[top:bottom, x0:x0 + end - start] = signs[:, start - first:end - first]
+                if end == last:
+                    break
 
 
 @dataclass(frozen=True)
