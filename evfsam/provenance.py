@@ -64,22 +64,13 @@ def is_multitask(directory: Path) -> bool:
     return SEMANTIC_TOKEN in added_tokens(directory)
 
 
-# Which recipe each checkpoint needs (upstream README: "-multitask checkpoints are only available
-# with commits >= 9d00853, other checkpoints with commits < 9d00853").  SAM-1 ("ori") is computed the
-# same way before and after that commit.
-def default_recipe(family: str, multitask: bool) -> str:
-    if family == "ori":
-        return "ori"
-    return "sam2-v2" if multitask else "sam2-v1"
-
-
 def describe_checkpoint(checkpoint: str, directory: Path, config, recipe: Optional[str] = None) -> Dict:
-    from .recipes import recipe as find_recipe
+    from .recipes import default_recipe, get_recipe
 
     family = getattr(config, "family", "ori")
     multitask = is_multitask(directory)
     chosen = recipe or default_recipe(family, multitask)
-    spec = find_recipe(chosen)
+    spec = get_recipe(chosen)
     if spec.family != family:
         raise ProvenanceError(f"recipe {chosen!r} is for {spec.family!r} checkpoints; {checkpoint!r} is {family!r}")
     reason = "given with --recipe" if recipe else (

@@ -6,7 +6,7 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
-from evfsam.recipes import recipe as find_recipe
+from evfsam.recipes import get_recipe
 from evfsam.specs import (BEIT3_FUSION_ENCODER, PROMPT_MASK_DECODER, SAM2_IMAGE_ENCODER, SAM2_PROMPT_MASK_DECODER,
                           SAM_IMAGE_ENCODER, GraphSpec)
 
@@ -81,4 +81,4 @@ def graph_wrapper(spec: GraphSpec, model: nn.Module, recipe: str) -> nn.Module:
         make = GRAPH_WRAPPERS[spec.name]
     except KeyError:
         raise KeyError(f"no export wrapper for graph {spec.name!r}") from None
-    return make(model, find_recipe(recipe).mask_selection).eval()
+    return make(model, get_recipe(recipe).mask_selection).eval()

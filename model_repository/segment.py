@@ -23,8 +23,10 @@ import triton_python_backend_utils as pb_utils
 
 from evfsam.embedding_cache import image_key
 from evfsam.model_config import InputLimits, PipelineSettings, config_parameters
-from evfsam.processing import InvalidImage, beit3_view, binary_mask, checked_image_size, decode_image, sam_view
-from evfsam.recipes import recipe as find_recipe
+from evfsam.mask_codecs import encode_mask
+from evfsam.processing import (InvalidImage, MaskResizer, beit3_view, checked_image_size, decode_image,
+                               masks_to_original, sam_view)
+from evfsam.recipes import get_recipe
 from evfsam.specs import (CACHE_CLAIMED, CACHE_GET, CACHE_HIT, CACHE_PUT, CACHE_RELEASE, EVF_SAM, EVF_SAM_PROMPTS,
                           IMAGE_CACHE_NAME, MASK_FORMATS, MAX_PROMPTS_PER_REQUEST, PIPELINE_FINISHED_METRIC,
                           PIPELINE_STARTED_METRIC, RAW_MASKS, cache_entry_tensors, family)
@@ -122,7 +124,7 @@ def _cancelled_code():
 class Pipeline:
     def __init__(self, settings: PipelineSettings, limits: InputLimits):
         self.family = family(settings.family)
-        self.recipe = find_recipe(settings.recipe)
+        self.recipe = get_recipe(settings.recipe)
         self.limits = limits
         self.image_limits = limits.image_limits()
         self.timeout_s = settings.bls_timeout_s
@@ -185,8 +187,8 @@ class Pipeline:
         return entry, await text_task
 
     def views(self, rgb):
-        sam, resized = sam_view(rgb)
-        return {"sam_view": sam[None], "images_evf": beit3_view(rgb)[None],
+        sam, resized = sam_view(rgb, self.recipe)
+        return {"sam_view": sam[None], "images_evf": beit3_view(rgb, recipe=self.recipe)[None],
                 "original_size": np.array(rgb.shape[:2], dtype=np.int64),
                 "resized_size": np.array(resized, dtype=np.int64)}
 
@@ -214,12 +216,10 @@ class Pipeline:
     def masks_at_original_size(self, low_res, entry, mask_format):
         original = tuple(int(v) for v in entry["original_size"])
         resized = tuple(int(v) for v in entry["resized_size"])
-        masks = np.stack([binary_mask(m[0], resized, original) for m in low_res])
         if mask_format == RAW_MASKS:
-            return masks, None
-        from evfsam.mask_codecs import ENCODERS
-
-        return None, [ENCODERS[mask_format](mask) for mask in masks]
+            return masks_to_original(low_res, resized, original, self.recipe).view(np.uint8), None
+        resizer = MaskResizer(resized, original, self.recipe)  # one mask at a time: never N full masks
+        return None, [encode_mask(resizer.binary(mask[0]), mask_format) for mask in low_res]
 
     async def cache_get(self, key: str, claim: bool):
         inputs = [_bytes_tensor("op", CACHE_GET), _bytes_tensor("image_key", key),
