@@ -196,6 +196,7 @@ class Check:
         self.budget = Budget(args.budget_s)
         self.log = Log(self.budget)
         self.image = SAMPLE_IMAGE.read_bytes()
+        self.references: Dict[str, torch.Tensor] = {}  # family -> FP32 mask logits of the reference batch
         self.results: Dict[str, object] = {
             "date": datetime.date.today().isoformat(),
             "command": "python -m benchmarks.gpu_check " + " ".join(sys.argv[1:]),
@@ -220,8 +221,13 @@ class Check:
         try:
             with torch.no_grad():
                 self.results["ceilings"] = self.ceilings()
-                for name in args.families:
-                    self.family(FAMILIES_BY_NAME[name])
+                compile_later = [job for name in args.families for job in self.family(FAMILIES_BY_NAME[name])]
+                # torch.compile last: a compilation costs minutes at full size, every other point seconds
+                for family, model, dtype_name, vocab in compile_later:
+                    record = self.results["families"][family.name]
+                    self.variant(family, model, "sdpa+compile", dtype_name, vocab, record, record["dtypes"][dtype_name])
+                compile_later.clear()
+                gt.release(self.device)
                 self.onnx_runtime()
         except OutOfTime:
             self.results["stopped_early"] = f"hard time limit of {hard_limit(self.args.budget_s)} s reached"
@@ -241,20 +247,22 @@ class Check:
 
     # --- one family ---------------------------------------------------------------------------------
 
-    def family(self, family: ModelFamily) -> None:
+    def family(self, family: ModelFamily) -> List[tuple]:
+        """Measure every variant but torch.compile; returns the (family, model, dtype, vocab) jobs
+        torch.compile is measured with at the end."""
         reason = family.unavailable()
         if reason:
             self.skip(family.name, reason)
-            return
+            return []
         record: Dict[str, object] = {"size": self.args.size, "dtypes": {}, "errors": []}
         self.results["families"][family.name] = record
         try:
-            self.measure_family(family, record)
+            return self.measure_family(family, record)
         except OutOfTime:
             raise
         except Exception as exc:  # a family that fails must not cost the others their turn
             self.failed(record, family.name, exc)
-        gt.release(self.device)
+            return []
 
     def failed(self, record: Dict, what: str, exc: Exception) -> None:
         message = f"{what}: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:400]}"
@@ -263,7 +271,7 @@ class Check:
         self.log(f"FAILED {message}")
         gt.release(self.device)
 
-    def measure_family(self, family: ModelFamily, record: Dict) -> None:
+    def measure_family(self, family: ModelFamily, record: Dict) -> List[tuple]:
         started = time.perf_counter()
         model32, vocab = family.build(self.args.size, self.device)
         record["build_seconds"] = round(time.perf_counter() - started, 1)
@@ -272,26 +280,25 @@ class Check:
         record["encoder_flops_per_image"] = gt.encoder_flops(model32, batch1.tensors[0])
         reference = self.inputs(self.args.reference_batch, torch.float32, vocab)
         with tf32(False):
-            self.reference_logits = gt.first_output(forward(model32, *reference.tensors))
+            self.references[family.name] = gt.first_output(forward(model32, *reference.tensors))
         self.log(f"{family.name} {self.args.size}: {record['parameters'] / 1e6:.0f} M parameters, built in "
                  f"{record['build_seconds']} s; encoder {record['encoder_flops_per_image'] / 1e12:.3f} TFLOP per image")
-        models = {}
+        compile_later = []
         for dtype_name in self.args.dtypes:
             if not self.budget.allows(record["build_seconds"] / 4):
                 self.skip(f"{family.name} {dtype_name}", "time budget spent")
                 continue
-            record["dtypes"][dtype_name], models[dtype_name] = self.dtype(family, model32, dtype_name, vocab, record)
-        # torch.compile last: a compilation costs minutes at full size, the other variants seconds
-        for dtype_name, model in models.items():
+            record["dtypes"][dtype_name], model = self.dtype(family, model32, dtype_name, vocab, record)
             if "sdpa+compile" not in self.args.variants:
-                break
-            if dtype_name not in self.args.compile_dtypes:
+                continue
+            if dtype_name in self.args.compile_dtypes:
+                compile_later.append((family, model, dtype_name, vocab))
+            else:
                 self.skip(f"{family.name} {dtype_name} sdpa+compile", f"compiled in {self.args.compile_dtypes} only "
                           "(--compile-dtypes): each compilation takes minutes")
-                continue
-            self.variant(family, model, "sdpa+compile", dtype_name, vocab, record, record["dtypes"][dtype_name])
-        models.clear()
+        del model32
         gt.release(self.device)
+        return compile_later
 
     def dtype(self, family: ModelFamily, model32, dtype_name: str, vocab: int, record: Dict):
         """Every variant but torch.compile in one dtype; returns (results, the fast-path model)."""
@@ -336,7 +343,8 @@ class Check:
                 return
             inputs = self.inputs(batch, dtype, vocab)
             set_key_padding(model, inputs.padded)
-            point = self.point(model, variant, inputs, dtype, record["encoder_flops_per_image"], family.fast_autocast)
+            point = self.point(model, variant, inputs, dtype, record["encoder_flops_per_image"], family.fast_autocast,
+                               self.references[family.name])
             out["points"].append(point)
             previous = point
             agreement = point.get("vs_fp32")
@@ -358,7 +366,7 @@ class Check:
         return setup + calls * per_call
 
     def point(self, model, variant: str, inputs: gt.Batch, dtype: torch.dtype, flops_per_image: int,
-              fast_autocast: bool) -> Dict:
+              fast_autocast: bool, reference: torch.Tensor) -> Dict:
         batch = inputs.tensors[0].shape[0]
         gt.reset_peak_memory(self.device)
         started = time.perf_counter()
@@ -373,7 +381,7 @@ class Check:
                  "encoder_tflops": flops_per_image * batch / (encoder_stats["p50_ms"] / 1000) / 1e12,
                  "peak_memory_gib": gt.peak_memory_gib(self.device)}
         if batch == self.args.reference_batch:
-            point["vs_fp32"] = gt.mask_agreement(logits, self.reference_logits)
+            point["vs_fp32"] = gt.mask_agreement(logits, reference)
         return point
 
     def kernels(self, model, dtype: torch.dtype, vocab: int, autocast: bool = False) -> Dict[str, List[str]]:

@@ -57,8 +57,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 NORMALISATION, SOFTMAX, FP32_MODULES = "normalisation", "softmax", "fp32-modules"
 ALL_GROUPS: FrozenSet[str] = frozenset({NORMALISATION, SOFTMAX, FP32_MODULES})
+# Normalisations that reduce over the input at run time (BatchNormalization is a fixed affine map).
 NORMALISATION_OP_TYPES = frozenset({"LayerNormalization", "GroupNormalization", "InstanceNormalization",
-                                    "BatchNormalization", "MeanVarianceNormalization", "LpNormalization"})
+                                    "MeanVarianceNormalization", "LpNormalization"})
 NORM_STATISTIC_OP_TYPES = frozenset({"ReduceMean", "Pow", "Sqrt", "ReduceSumSquare", "ReduceL2"})
 SOFTMAX_OP_TYPES = frozenset({"Softmax", "LogSoftmax"})
 FP32_MODULE_SCOPES = ("/neck/",)
@@ -404,13 +405,13 @@ def _diff(name: str, reference: np.ndarray, actual: np.ndarray) -> OutputDiff:
 
 
 def format_reports(reports: Iterable[Fp16Report]) -> str:
-    header = (f"{'graph':<22} {'plan':<12} {'fp32 nodes':>10} {'output':<16} {'max abs':>9} {'max rel':>9} "
+    header = (f"{'graph':<22} {'plan':<24} {'fp32 nodes':>10} {'output':<16} {'max abs':>9} {'max rel':>9} "
               f"{'max |fp16 act|':>14} {'of 65504':>8}  first FP16 overflow")
     lines = [header, "-" * len(header)]
     for r in reports:
         for o in r.outputs:
             lines.append(
-                f"{r.graph:<22} {r.plan:<12} {r.fp32_nodes:>10} {o.name:<16} {o.max_abs:>9.2e} {o.max_rel:>9.2e} "
+                f"{r.graph:<22} {r.plan:<24} {r.fp32_nodes:>10} {o.name:<16} {o.max_abs:>9.2e} {o.max_rel:>9.2e} "
                 f"{r.largest_fp16_value:>14.4g} {r.range_used:>8.2%}  {r.first_overflow or '-'}"
             )
     return "\n".join(lines)

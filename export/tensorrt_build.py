@@ -47,6 +47,7 @@ from .accuracy_gate import (ASSETS_DIR, EngineRunner, GateReport, ReferenceFeeds
 from .onnx_export import file_digest
 from .precision import (NORMALISATION, OBEY, POLICIES, POLICIES_BY_NAME, PREFER, SOFTMAX, PrecisionPlan,
                         PrecisionPolicy, fallback_ladder)
+from .trt_runner import CudaError, EngineRunError
 
 EXIT_OK, EXIT_BUILD_FAILED, EXIT_MISSING_ONNX, EXIT_NO_TENSORRT, EXIT_ACCURACY = 0, 1, 2, 3, 4
 PLAN_FILE = "model.plan"
@@ -290,6 +291,17 @@ def pin_fp32_layers(trt, network, plan: PrecisionPlan, groups: Collection[str]) 
     return pinned
 
 
+def attention_evidence(runner) -> Optional[dict]:
+    """The engine inspector's attention layers: a diagnostic, so a failure to read them is recorded,
+    not raised."""
+    if not hasattr(runner, "attention_layers"):
+        return None
+    try:
+        return runner.attention_layers()
+    except Exception as exc:  # any inspector / JSON surprise: keep the build, say what happened
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def build_gated(trt, spec: GraphSpec, onnx_path: Path, options: BuildOptions, ladder: Sequence[PrecisionPolicy],
                 feeds: ReferenceFeeds) -> List[Attempt]:
     """Build under each policy of `ladder` in turn until the gate passes an engine; returns every
@@ -298,8 +310,7 @@ def build_gated(trt, spec: GraphSpec, onnx_path: Path, options: BuildOptions, la
     for policy in ladder:
         engine = build_engine(trt, spec, onnx_path, options, policy)
         runner = engine_runner(trt, engine.plan)
-        attention = runner.attention_layers() if hasattr(runner, "attention_layers") else None
-        attempts.append(Attempt(engine, check_engine(spec, runner, feeds), attention))
+        attempts.append(Attempt(engine, check_engine(spec, runner, feeds), attention_evidence(runner)))
         del runner
         print(format_report(attempts[-1].report), flush=True)
         if attempts[-1].report.passed:
@@ -436,7 +447,7 @@ def _build_all(trt, specs: List[GraphSpec], args: argparse.Namespace, options: B
         onnx_path = args.onnx_dir / spec.onnx_file
         try:
             attempts = build_gated(trt, spec, onnx_path, options, ladder, feeds)
-        except BuildError as exc:
+        except (BuildError, EngineRunError, CudaError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BUILD_FAILED
         except GatedBuildError as exc:
