@@ -9,6 +9,7 @@
 BENCH_SIZE ?= tiny
 BENCH_ARGS ?=
 GPU_PY ?= python3
+GPU_PYTHONPATH ?=  # extra import paths for GPU_PY (e.g. a --target dir of carried wheels): the Makefile sets PYTHONPATH
 GPU_CHECK_ARGS ?=
 BENCH_GPU_ARGS ?= --budget-s 3000 --batches 1 2 4 8 16 32 --compile-batches 1 4 8 16
 
@@ -23,13 +24,14 @@ bench-full: install
 	$(PY) -m benchmarks.run --size full --build-dir $(BUILD)/bench/full $(BENCH_ARGS)
 
 # No `install` prerequisite: the GPU machine's python has its own CUDA torch (the venv's is the CPU build).
-_GPU_PREFLIGHT = $(GPU_PY) -c "import segment_anything" 2>/dev/null || \
+_GPU_ENV = PYTHONPATH=$(CURDIR)$(if $(strip $(GPU_PYTHONPATH)),:$(strip $(GPU_PYTHONPATH)))
+_GPU_PREFLIGHT = $(_GPU_ENV) $(GPU_PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('segment_anything') is None)" || \
 	{ echo "$(GPU_PY) has no segment_anything: pip install segment-anything==1.0 (pure Python, no dependencies)" >&2; exit 2; }
 
 gpu-check:
 	@$(_GPU_PREFLIGHT)
-	$(GPU_PY) -m benchmarks.gpu_check --device cuda --size full $(GPU_CHECK_ARGS)
+	$(_GPU_ENV) $(GPU_PY) -m benchmarks.gpu_check --device cuda --size full $(GPU_CHECK_ARGS)
 
 bench-gpu:
 	@$(_GPU_PREFLIGHT)
-	$(GPU_PY) -m benchmarks.gpu_check --device cuda --size full $(BENCH_GPU_ARGS)
+	$(_GPU_ENV) $(GPU_PY) -m benchmarks.gpu_check --device cuda --size full $(BENCH_GPU_ARGS)
