@@ -1,15 +1,21 @@
 # Benchmarks, included from the Makefile.  Results land in benchmarks/results/<machine>-<date>[-<size>]/.
 #   make bench        CPU suite, tiny model, end to end (< 15 min on 2 cores): eager vs ORT vs Triton
 #   make bench-full   the same suite on the full-size model (SAM ViT-H + BEiT-3 large): hours on a small CPU
-#   make bench-gpu    PyTorch paths on a CUDA GPU (needs a CUDA build of torch: GPU_PY=python in an NGC container)
-#   make bench-processing  pre/post-processing on one core, before vs after the numpy rewrite (~2 min)
+#   make gpu-check    EVF-SAM's GPU paths in <= 10 minutes on one H100 / H200 with the machine's own python
+#                     (GPU_PY, default python3: torch with CUDA, onnx, onnxruntime, opencv, pillow, tokenizers,
+#                     matplotlib, safetensors, sentencepiece, plus segment-anything==1.0, a pure-Python wheel to
+#                     carry where there is no network); no Docker, TensorRT or network
+#   make bench-gpu    the same script without the ten-minute budget: bigger sweeps (BENCH_GPU_ARGS)
 BENCH_SIZE ?= tiny
 BENCH_ARGS ?=
-GPU_PY ?= $(PY)
-BENCH_GPU_ARGS ?=
+GPU_PY ?= python3
+GPU_PYTHONPATH ?=  # extra import paths for GPU_PY (e.g. a --target dir of carried wheels): the Makefile sets PYTHONPATH
+GPU_CHECK_ARGS ?=
+BENCH_GPU_ARGS ?= --budget-s 3000 --batches 1 2 4 8 16 32 --compile-batches 1 4 8 16
+#   make bench-processing  pre/post-processing on one core, before vs after the numpy rewrite (~2 min)
 BENCH_PROCESSING_ARGS ?=
 
-.PHONY: bench bench-full bench-gpu bench-processing
+.PHONY: bench bench-full bench-gpu gpu-check bench-processing
 
 # perf_analyzer (tritonclient[all]==2.51.0, in the venv) links Debian's libb64.so.0d; where it is missing,
 # benchmarks/perf_analyzer.py builds benchmarks/libb64_compat.c (same interface) with cc into build/libb64/.
@@ -19,8 +25,18 @@ bench: install
 bench-full: install
 	$(PY) -m benchmarks.run --size full --build-dir $(BUILD)/bench/full $(BENCH_ARGS)
 
-bench-gpu: install
-	$(GPU_PY) -m benchmarks.gpu_torch --device cuda --size full $(BENCH_GPU_ARGS)
+# No `install` prerequisite: the GPU machine's python has its own CUDA torch (the venv's is the CPU build).
+_GPU_ENV = PYTHONPATH=$(CURDIR)$(if $(strip $(GPU_PYTHONPATH)),:$(strip $(GPU_PYTHONPATH)))
+_GPU_PREFLIGHT = $(_GPU_ENV) $(GPU_PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('segment_anything') is None)" || \
+	{ echo "$(GPU_PY) has no segment_anything: pip install segment-anything==1.0 (pure Python, no dependencies)" >&2; exit 2; }
+
+gpu-check:
+	@$(_GPU_PREFLIGHT)
+	$(_GPU_ENV) $(GPU_PY) -m benchmarks.gpu_check --device cuda --size full $(GPU_CHECK_ARGS)
+
+bench-gpu:
+	@$(_GPU_PREFLIGHT)
+	$(_GPU_ENV) $(GPU_PY) -m benchmarks.gpu_check --device cuda --size full $(BENCH_GPU_ARGS)
 
 bench-processing: install
 	$(PY) -m benchmarks.processing $(BENCH_PROCESSING_ARGS)

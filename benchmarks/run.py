@@ -163,7 +163,7 @@ def notes(others: Dict[str, float], budget: Budget) -> List[str]:
 
 
 NOT_MEASURED = [
-    "GPU: not measured in this run (no GPU here). `make bench-gpu` runs benchmarks/gpu_torch.py on a CUDA machine.",
+    "GPU: not measured in this run (no GPU here). `make gpu-check` runs benchmarks/gpu_check.py on a CUDA machine.",
     "TensorRT: not measured (no TensorRT run); no TensorRT numbers are reported anywhere.",
 ]
 

@@ -6,6 +6,7 @@
 #
 # The two tags must ship the same TensorRT (docker/README.md has the matrix); TENSORRT_VERSION is
 # checked when the export image is built and against every plan's model.plan.json before serving.
+# TRITON_SHM_SIZE (make docker-serve TRITON_SHM_SIZE=8gb) overrides compose.yaml's /dev/shm size.
 
 PYTORCH_TAG ?= 25.01
 TRITON_TAG ?= 25.01

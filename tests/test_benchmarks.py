@@ -132,24 +132,6 @@ def test_comparison_ratios_and_serving_overhead(synthetic_results):
     assert "| (c) Triton evf_sam, concurrency 2 |" in markdown and "**1.25×**" in markdown
 
 
-def test_sdpa_attention_matches_segment_anything():
-    import torch
-
-    from benchmarks.sam_sdpa import SdpaAttention, use_sdpa
-    from evfsam.modeling.builder import SamImageEncoderConfig, build_sam
-
-    torch.manual_seed(0)
-    encoder = build_sam(SamImageEncoderConfig(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,))).image_encoder
-    with torch.no_grad():
-        for block in encoder.blocks:
-            block.attn.rel_pos_h.normal_(std=0.5)
-            block.attn.rel_pos_w.normal_(std=0.5)
-        images = torch.randn(1, 3, 1024, 1024)
-        expected = encoder(images)
-        assert use_sdpa(encoder) == 2 and all(isinstance(b.attn, SdpaAttention) for b in encoder.blocks)
-        torch.testing.assert_close(encoder(images), expected, atol=1e-5, rtol=1e-4)
-
-
 @pytest.mark.triton
 @bench_support.needs_perf_analyzer
 def test_real_perf_analyzer_accepts_generated_input_data(triton_server, samples, tmp_path):

@@ -8,6 +8,7 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -138,3 +139,63 @@ def test_check_plans_rejects_a_plan_from_another_tensorrt(tmp_path):
     assert subprocess.run(command, capture_output=True, text=True).returncode != 0
     meta.write_text(f'{{\n  "tensorrt_version": "{TENSORRT_VERSION}"\n}}\n')
     assert subprocess.run(command, capture_output=True, text=True).returncode == 0
+
+
+def pyproject_pin(package: str) -> str:
+    import tomllib
+
+    project = tomllib.loads((DOCKER_DIR.parent / "pyproject.toml").read_text())["project"]
+    pins = [r for r in project["dependencies"] + project["optional-dependencies"]["export"]
+            if r.startswith(f"{package}==")]
+    assert len(pins) == 1, pins
+    return pins[0].split("==")[1]
+
+
+def test_export_image_installs_the_validated_torch():
+    """torch comes from pyproject.toml's pin as the CPU build of PyTorch's index, and the build checks
+    the version it got; the image's own torch is never the one that exports."""
+    runs = " ".join(args for keyword, args in instructions(read("Dockerfile.export")) if keyword == "RUN")
+    args = dict(a.split("=", 1) for keyword, a in instructions(read("Dockerfile.export")) if keyword == "ARG" and "=" in a)
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert '--index-url "${TORCH_INDEX_URL}" -r /tmp/evf-sam/torch.txt' in runs
+    assert 'r.startswith("torch==")' in runs and '+cpu' in runs  # the pin itself, read from pyproject.toml
+    assert "torch.__version__ == pin" in runs
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pyproject_pin("torch"))
+
+
+MIB = 2**20
+RAW_MASK_BUDGET = 256 * MIB  # per evf_sam_prompts response: the default the serving core is adding (assumed)
+
+
+def shm_worst_case_bytes() -> int:
+    """Peak /dev/shm of the python-backend models at the largest requests they accept (compose.yaml)."""
+    from evfsam.processing import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+    from evfsam.specs import (BEIT3_FUSION_ENCODER, MAX_PROMPTS_PER_REQUEST, PROMPT_MASK_DECODER,
+                              SAM_IMAGE_ENCODER)
+    from serving.repository import RepositoryOptions, python_config
+
+    def nbytes(tensor, batch):
+        return int(np.prod(tensor.concrete_shape({"batch": batch, "text_len": 0}))) * tensor.np_dtype.itemsize
+
+    prompts = MAX_PROMPTS_PER_REQUEST
+    options = RepositoryOptions()
+    python_model = python_config("any", (), (), options)
+    batch, instances = python_model["max_batch_size"], python_model["instance_group"][0]["count"]
+    encoder_io = sum(nbytes(t, 1) for t in SAM_IMAGE_ENCODER.inputs + SAM_IMAGE_ENCODER.outputs)
+    beit3_images = nbytes(BEIT3_FUSION_ENCODER.input("images_evf"), prompts)
+    decoder_io = sum(nbytes(t, prompts) for t in PROMPT_MASK_DECODER.inputs + PROMPT_MASK_DECODER.outputs)
+    prompts_model = RAW_MASK_BUDGET + DEFAULT_MAX_IMAGE_BYTES + encoder_io + beit3_images + decoder_io
+    views = nbytes(SAM_IMAGE_ENCODER.input("images"), 1) + nbytes(BEIT3_FUSION_ENCODER.input("images_evf"), 1)
+    preprocess = instances * batch * (DEFAULT_MAX_IMAGE_BYTES + views)
+    postprocess = instances * batch * (DEFAULT_MAX_IMAGE_PIXELS + nbytes(PROMPT_MASK_DECODER.output("low_res_masks"), 1))
+    return prompts_model + preprocess + postprocess
+
+
+def test_compose_shared_memory_covers_the_worst_case_responses():
+    service = yaml.safe_load(read("compose.yaml"))["services"]["triton"]
+    default = re.fullmatch(r"\$\{TRITON_SHM_SIZE:-(\d+)gb\}", service["shm_size"])
+    assert default, service["shm_size"]
+    worst = shm_worst_case_bytes()
+    assert 1.5 * 2**30 < worst < 2.5 * 2**30  # ~2 GiB, as the comment in compose.yaml works out
+    assert int(default.group(1)) * 2**30 >= 2 * worst  # doubled for the regions' growth and fragmentation
+    assert "256 MiB" in read("compose.yaml") and "ASSUMED" in read("compose.yaml")
