@@ -12,6 +12,7 @@ import asyncio
 from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Iterable, List, Optional, Sequence, TypeVar, Union
 
+from evfsam.affinity import affinity_headers
 from evfsam.specs import ServedModelSpec
 
 from .client import (
@@ -173,7 +174,7 @@ class AsyncSegmentationClient:
     async def _segment_encoded(self, image: bytes, prompt: str) -> Segmentation:
         module = self._transport.module
         inputs = build_inputs(module, image, prompt, self.spec)
-        result = await self._transport.infer(inputs, requested_outputs(module, self.spec))
+        result = await self._transport.infer(inputs, requested_outputs(module, self.spec), headers=affinity_headers(image))
         return parse_result(result, prompt, self.spec)
 
     async def _segment_chunk(
@@ -184,7 +185,9 @@ class AsyncSegmentationClient:
         module = self._transport.module
         inputs = build_prompts_inputs(module, prompts, image, image_key, spec)
         try:
-            result = await self._transport.infer(inputs, requested_outputs(module, spec), spec.name)
+            result = await self._transport.infer(
+                inputs, requested_outputs(module, spec), spec.name, affinity_headers(image, image_key)
+            )
         except ServerError as exc:
             if image_key is None:
                 raise

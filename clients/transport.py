@@ -8,7 +8,8 @@ them, so gevent prints no traceback of its own.  Async transports expose a corou
 
 Every call goes through `translate_errors`, so only `ClientError`s leave this module.  A transport
 talks to one model by default; `metadata`, `submit` and `infer` take another model's name (the
-many-prompts companion of the ensemble) on the same connection.
+many-prompts companion of the ensemble) on the same connection, and the headers of the request
+(gRPC metadata or HTTP headers: the image-affinity header of `evfsam.affinity`).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .errors import InvalidInput, translate_errors
 PROTOCOLS = ("grpc", "http")
 DEFAULT_TIMEOUT_S = 120.0
 _SCHEMES = ("grpc://", "http://")
+Headers = Optional[Dict[str, str]]
 
 
 def normalise_url(url: str) -> str:
@@ -83,7 +85,9 @@ class GrpcTransport(_Transport):
         with self.errors(metadata_of=model):
             return self._client.get_model_metadata(model, as_json=True, client_timeout=self.timeout)
 
-    def submit(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> "Future[Any]":
+    def submit(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> "Future[Any]":
         future: "Future[Any]" = Future()
 
         def done(result: Any, error: Optional[Exception]) -> None:
@@ -91,7 +95,7 @@ class GrpcTransport(_Transport):
 
         with self.errors():
             self._client.async_infer(
-                self.model_name(model), inputs, done, outputs=outputs, client_timeout=self.timeout
+                self.model_name(model), inputs, done, outputs=outputs, client_timeout=self.timeout, headers=headers
             )
         return future
 
@@ -122,8 +126,10 @@ class HttpTransport(_Transport):
         with self.errors(metadata_of=model):
             return self._client.get_model_metadata(model)
 
-    def submit(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> "gevent.Greenlet":
-        return gevent.spawn(self._infer_capturing_failure, self.model_name(model), inputs, outputs)
+    def submit(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> "gevent.Greenlet":
+        return gevent.spawn(self._infer_capturing_failure, self.model_name(model), inputs, outputs, headers)
 
     def wait(self, handle: "gevent.Greenlet") -> Any:
         result, failure = handle.get()
@@ -133,10 +139,10 @@ class HttpTransport(_Transport):
             return result
 
     def _infer_capturing_failure(
-        self, model: str, inputs: List[Any], outputs: List[Any]
+        self, model: str, inputs: List[Any], outputs: List[Any], headers: Headers
     ) -> Tuple[Any, Optional[BaseException]]:
         try:
-            return self._client.infer(model, inputs, outputs=outputs), None
+            return self._client.infer(model, inputs, outputs=outputs, headers=headers), None
         except Exception as exc:  # re-raised by `wait`, in the caller's frame
             return None, exc
 
@@ -158,10 +164,12 @@ class AsyncGrpcTransport(_Transport):
         with self.errors(metadata_of=model):
             return await self._client.get_model_metadata(model, as_json=True, client_timeout=self.timeout)
 
-    async def infer(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> Any:
+    async def infer(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> Any:
         with self.errors():
             return await self._client.infer(
-                self.model_name(model), inputs, outputs=outputs, client_timeout=self.timeout
+                self.model_name(model), inputs, outputs=outputs, client_timeout=self.timeout, headers=headers
             )
 
     async def close(self) -> None:
@@ -184,9 +192,11 @@ class AsyncHttpTransport(_Transport):
         with self.errors(metadata_of=model):
             return await self._client.get_model_metadata(model)
 
-    async def infer(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> Any:
+    async def infer(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> Any:
         with self.errors():
-            return await self._client.infer(self.model_name(model), inputs, outputs=outputs)
+            return await self._client.infer(self.model_name(model), inputs, outputs=outputs, headers=headers)
 
     async def close(self) -> None:
         await self._client.close()
