@@ -15,12 +15,14 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 ADDRESS ?= 127.0.0.1
+REPLICAS ?= 2
+ENVOY_ADMIN_PORT ?= 9901
 PROMPT ?= zebra top left
 IMAGE ?= assets/sample.jpg
 PYTEST_ARGS ?=
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help install test test-slow demo export onnx engines repository serve bench clean
+.PHONY: help install test test-slow demo export onnx engines repository serve serve-cluster bench clean
 
 help:
 	@echo "make demo        set up, export a checkpoint, serve it, run one request (CHECKPOINT=dir|hub-id)"
@@ -28,6 +30,7 @@ help:
 	@echo "make export      ONNX graphs + validation (+ TensorRT plans where TensorRT is importable)"
 	@echo "make repository  generate the Triton model repository (FLAVOR=python-ort|onnxruntime|tensorrt)"
 	@echo "make serve       run tritonserver in the foreground (HTTP_PORT, GRPC_PORT, METRICS_PORT, ADDRESS)"
+	@echo "make serve-cluster  REPLICAS=N tritonservers behind Envoy routing by image (same knobs, ENVOY_ADMIN_PORT)"
 	@echo "make bench       CPU benchmark suite -> benchmarks/results/<machine>-<date>/"
 
 install: $(VENV)/.installed
@@ -76,6 +79,13 @@ serve: install
 	@test -f $(REPO_DIR)/evf_sam/config.pbtxt || $(MAKE) --no-print-directory onnx repository
 	$(PY) -m serving.server --repository $(REPO_DIR) --address $(ADDRESS) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+# Envoy on HTTP_PORT / GRPC_PORT, replica i's metrics on METRICS_PORT + i (serving/cluster.py).
+serve-cluster: install
+	@test -f $(REPO_DIR)/evf_sam/config.pbtxt || $(MAKE) --no-print-directory onnx repository
+	$(PY) -m serving.cluster --repository $(REPO_DIR) --replicas $(REPLICAS) --address $(ADDRESS) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+		--admin-port $(ENVOY_ADMIN_PORT) --log-dir $(BUILD)/cluster-logs
 
 demo: onnx repository
 	$(PY) -m serving.demo --repository $(REPO_DIR) --image $(IMAGE) --prompt "$(PROMPT)" \

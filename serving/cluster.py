@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -191,7 +191,10 @@ def main(argv=None) -> int:
     parser.add_argument("--envoy-concurrency", type=int, default=1, help="Envoy worker threads")
     parser.add_argument("--log-dir", type=Path, default=Path("build/cluster-logs"))
     parser.add_argument("--ready-timeout", type=float, default=600.0)
-    parser.add_argument("--drain-timeout", type=float, default=float(DEFAULT_POLICY.request_timeout_s))
+    parser.add_argument("--drain-timeout", type=float, default=float(DEFAULT_POLICY.request_timeout_s),
+                        help="the longest a stop waits for requests in flight")
+    parser.add_argument("--drain-time", type=int, default=DEFAULT_POLICY.drain_time_s,
+                        help="how long Envoy discourages connections before closing its listeners on a stop")
     parser.add_argument("--max-restarts", type=int, default=5,
                         help=f"restart crashed replicas at most this often within {CRASH_WINDOW_S} s")
     args = parser.parse_args(argv)
@@ -203,7 +206,8 @@ def main(argv=None) -> int:
         return 2
     cluster = Cluster.on_loopback(args.repository, args.replicas, args.address, args.http_port, args.grpc_port,
                                   args.metrics_port, args.admin_port, args.log_dir,
-                                  envoy_concurrency=args.envoy_concurrency, ready_timeout=args.ready_timeout)
+                                  envoy_concurrency=args.envoy_concurrency, ready_timeout=args.ready_timeout,
+                                  policy=replace(DEFAULT_POLICY, drain_time_s=args.drain_time))
     stop_requested: List[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop_requested.append(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: stop_requested.append(signum))

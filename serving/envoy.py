@@ -142,7 +142,10 @@ def _cluster(protocol: str, kind: str, replicas: Sequence[Replica], policy: Rout
         "common_lb_config": {"healthy_panic_threshold": {"value": policy.healthy_panic_threshold_percent}},
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _socket(r.address, r.port(protocol)), "hostname": r.name,
-                          "health_check_config": {"port_value": r.http_port}}}
+                          "health_check_config": {"port_value": r.http_port}},
+             # Maglev hashes this key instead of the address: the gRPC and HTTP clusters reach a
+             # replica on different ports, and an image must map to the same replica over both.
+             "metadata": {"filter_metadata": {"envoy.lb": {"hash_key": r.name}}}}
             for r in replicas
         ]}]},
         "health_checks": [{
