@@ -158,7 +158,8 @@ def _cluster(protocol: str, kind: str, replicas: Sequence[Replica], policy: Rout
         "outlier_detection": {
             "consecutive_gateway_failure": policy.outlier_consecutive_gateway_errors,
             "enforcing_consecutive_gateway_failure": 100,
-            "enforcing_consecutive_5xx": 0,  # an inference error is not the replica's fault
+            "consecutive_5xx": policy.outlier_consecutive_5xx_errors,
+            "enforcing_consecutive_5xx": 100 if policy.outlier_consecutive_5xx_errors else 0,
             "enforcing_success_rate": 0,
             "interval": _seconds(policy.outlier_interval_s),
             "base_ejection_time": _seconds(policy.outlier_base_ejection_s),

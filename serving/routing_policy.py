@@ -71,6 +71,10 @@ class RoutingPolicy:
     unhealthy_threshold: int = 2
     healthy_threshold: int = 1
     outlier_consecutive_gateway_errors: int = 2
+    # 0: never eject on 5xx (Envoy counts `++count == threshold`, which 0 never meets; Istio
+    # documents 0 as disabled).  Envoy Gateway cannot set enforcing_consecutive_5xx, so the
+    # threshold itself is what turns it off there.
+    outlier_consecutive_5xx_errors: int = 0
     outlier_interval_s: float = 2.0
     outlier_base_ejection_s: float = 15.0
     outlier_max_ejection_percent: int = 50
@@ -124,6 +128,7 @@ def helm_values(policy: RoutingPolicy = DEFAULT_POLICY) -> Dict[str, object]:
         },
         "outlierDetection": {
             "consecutiveGatewayErrors": policy.outlier_consecutive_gateway_errors,
+            "consecutive5xxErrors": policy.outlier_consecutive_5xx_errors,
             "interval": duration(policy.outlier_interval_s),
             "baseEjectionTime": duration(policy.outlier_base_ejection_s),
             "maxEjectionPercent": policy.outlier_max_ejection_percent,
