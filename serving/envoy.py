@@ -140,6 +140,7 @@ def _cluster(protocol: str, kind: str, replicas: Sequence[Replica], policy: Rout
         "lb_policy": _LB_POLICIES[algorithm],
         "per_connection_buffer_limit_bytes": policy.request_buffer_bytes,
         "common_lb_config": {"healthy_panic_threshold": {"value": policy.healthy_panic_threshold_percent}},
+        "circuit_breakers": {"thresholds": [{"priority": "DEFAULT", "max_retries": policy.max_concurrent_retries}]},
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": _socket(r.address, r.port(protocol)), "hostname": r.name,
                           "health_check_config": {"port_value": r.http_port}},

@@ -23,7 +23,8 @@ Why each choice (measured figures: docs/scaling-out.md):
   response headers, gRPC UNAVAILABLE (Triton's "server is stopping").  A retry re-runs an
   inference whose replica died; inference has no side effect but the cache, so that is safe.
   Each retry goes to another host (previous-hosts predicate); Envoy never retries once response
-  headers reached the client.
+  headers reached the client.  Up to `max_concurrent_retries` at once: a dead replica's requests are
+  all retried together, and Envoy's default limit of 3 failed the fourth in a measured run.
 * Timeouts: a full-size model on a CPU takes 80+ s per image, and a request may queue behind
   others, so the proxy allows `request_timeout_s`; a client's own shorter deadline (grpc-timeout)
   wins.  No per-try timeout: a retry is for a dead replica, not a slow one.
@@ -62,6 +63,9 @@ class RoutingPolicy:
     grpc_retry_on: Tuple[str, ...] = ("connect-failure", "refused-stream", "reset", "unavailable")
     http_retry_on: Tuple[str, ...] = ("connect-failure", "refused-stream", "reset")
     num_retries: int = 2
+    # Retries in flight at once per cluster.  Envoy's default circuit breaker allows 3: when a replica
+    # dies with more requests than that on it, the rest fail (measured: 1 of 3+ in flight).
+    max_concurrent_retries: int = 64
     retry_backoff_base_s: float = 0.1
     retry_backoff_max_s: float = 1.0
     request_buffer_bytes: int = REQUEST_BUFFER_BYTES
@@ -116,6 +120,7 @@ def helm_values(policy: RoutingPolicy = DEFAULT_POLICY) -> Dict[str, object]:
         "grpcRetryOn": list(policy.grpc_retry_on),
         "httpRetryOn": list(policy.http_retry_on),
         "numRetries": policy.num_retries,
+        "maxConcurrentRetries": policy.max_concurrent_retries,
         "retryBackoffBase": duration(policy.retry_backoff_base_s),
         "retryBackoffMax": duration(policy.retry_backoff_max_s),
         "requestBufferBytes": policy.request_buffer_bytes,
