@@ -12,15 +12,14 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import helm_python as helm
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
 
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk is not installed (pip install -e '.[deploy]')")
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
-
-from evfsam.specs import PIPELINE_FINISHED_METRIC, PIPELINE_STARTED_METRIC, SAM_IMAGE_ENCODER  # noqa: E402
-from serving.routing_policy import DEFAULT_POLICY, helm_values  # noqa: E402
+from evfsam.specs import PIPELINE_FINISHED_METRIC, PIPELINE_STARTED_METRIC, SAM_IMAGE_ENCODER
+from serving.routing_policy import DEFAULT_POLICY, helm_values
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CHART = REPO_ROOT / "deploy" / "helm" / "evf-sam-triton"
