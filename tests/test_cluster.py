@@ -5,6 +5,7 @@ in front of two real tritonservers.  Which replica served what is read from Envo
 The tests share one cluster and run in file order: the replica kill and the graceful stop come last."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import signal
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 
-from clients import SegmentationClient
+from clients import AsyncSegmentationClient, SegmentationClient
 from evfsam.affinity import AFFINITY_HEADER, affinity_headers
 from evfsam.embedding_cache import image_key
 from evfsam.specs import EVF_SAM_PROMPTS
@@ -96,6 +97,21 @@ def test_http_requests_follow_the_same_key(cluster):
         client.segment_prompts(data, ["a cat"])
         client.segment(data, "a dog")
     served = difference(requests_per_replica(cluster, cluster_name("http", AFFINITY)), before)
+    assert served[owner] == 2 and sum(served.values()) == 2, served
+
+
+def test_async_client_sends_the_key(cluster):
+    data = encode(scene(130, 170, seed=503), "PNG")
+    owner = owner_of(cluster, image_key(data))
+
+    async def segment() -> None:
+        async with AsyncSegmentationClient(cluster.grpc_url, "grpc") as client:
+            await client.segment_prompts(data, ["a cat"])
+            await client.segment(data, "a dog")
+
+    before = requests_per_replica(cluster)
+    asyncio.run(segment())
+    served = difference(requests_per_replica(cluster), before)
     assert served[owner] == 2 and sum(served.values()) == 2, served
 
 
