@@ -35,7 +35,7 @@ pytestmark = pytest.mark.triton
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The default policy with the waits of a test: health checked every 0.5 s, a 1 s drain.
 TEST_POLICY = dataclasses.replace(DEFAULT_POLICY, health_check_interval_s=0.5, health_check_timeout_s=0.4,
-                                  drain_time_s=1, replica_drain_timeout_s=20)
+                                  drain_time_s=1, replica_drain_timeout_s=20, outlier_base_ejection_s=2.0)
 GRPC_AFFINITY = cluster_name("grpc", AFFINITY)
 
 
@@ -159,6 +159,12 @@ def test_killed_replica_costs_no_client_request(cluster):
     with SegmentationClient(cluster.grpc_url, "grpc") as client:
         client.segment_prompts(images[0], ["top"])
     assert difference(requests_per_replica(cluster), served_after)[victim] == 0
+
+    # The launcher's supervision restarts it; Envoy takes it back and its keys map to it again.
+    cluster.restart_crashed(max_restarts=5)
+    server.wait_ready(120)
+    cluster.wait_healthy(2, timeout=30)
+    assert owner_of(cluster, image_key(images[0])) == victim
 
 
 def test_graceful_stop_finishes_requests_in_flight(model_repository, tmp_path):
