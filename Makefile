@@ -32,6 +32,7 @@ help:
 	@echo "make serve       run tritonserver in the foreground (HTTP_PORT, GRPC_PORT, METRICS_PORT, ADDRESS)"
 	@echo "make serve-cluster  REPLICAS=N tritonservers behind Envoy routing by image (same knobs, ENVOY_ADMIN_PORT)"
 	@echo "make bench       CPU benchmark suite -> benchmarks/results/<machine>-<date>/"
+	@echo "make bench-cluster  replicas behind Envoy: affinity vs round robin, remapping, a killed replica"
 
 install: $(VENV)/.installed
 

@@ -34,6 +34,9 @@ _HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_man
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _PREVIOUS_HOSTS = "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+_CONNECTION_MONITOR = ("type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+                       "DownstreamConnectionsConfig")
+MAX_DOWNSTREAM_CONNECTIONS = 10000  # beyond this Envoy refuses new client connections instead of running out of fds
 
 
 class EnvoyError(RuntimeError):
@@ -66,6 +69,10 @@ def bootstrap(replicas: Sequence[Replica], address: str, http_port: int, grpc_po
     ports = {"grpc": grpc_port, "http": http_port}
     return {
         "admin": {"address": _socket(address, admin_port)},
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {"@type": _CONNECTION_MONITOR,
+                             "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS}}]},
         "static_resources": {
             "listeners": [_listener(protocol, address, ports[protocol], policy, use_affinity) for protocol in PROTOCOLS],
             "clusters": [_cluster(protocol, kind, replicas, policy)
