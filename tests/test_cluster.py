@@ -179,12 +179,13 @@ def test_graceful_stop_finishes_requests_in_flight(model_repository, tmp_path):
     try:
         _wait_for(lambda: "being served" in (tmp_path / "cluster.out").read_text(), 120, process)
         data = [encode(scene(400, 500, seed=520 + index), "PNG") for index in range(3)]
-        results, failures = [], []
+        results, failures, finished = [], [], []
 
         def segment(image: bytes) -> None:
             try:
                 with SegmentationClient(f"127.0.0.1:{grpc}", "grpc", concurrency=1) as client:
                     results.append(client.segment_prompts(image, ["left one", "top", "the zebra"]))
+                    finished.append(time.time())
             except Exception as exc:  # noqa: BLE001 - reported below
                 failures.append(exc)
 
@@ -192,11 +193,13 @@ def test_graceful_stop_finishes_requests_in_flight(model_repository, tmp_path):
         for thread in threads:
             thread.start()
         time.sleep(0.3)
+        stop_sent = time.time()
         process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(120)
         assert process.wait(120) == 0, (tmp_path / "cluster.out").read_text()[-3000:]
         assert not failures and len(results) == 3, failures
+        assert max(finished) > stop_sent  # requests were still in flight when the stop began
         assert "cluster stopped (exit code 0)" in (tmp_path / "cluster.out").read_text()
         for port in (http, grpc, admin):
             with pytest.raises(OSError):
