@@ -30,7 +30,6 @@ import http.server
 import io
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -49,7 +48,7 @@ from evfsam.affinity import AFFINITY_HEADER
 from evfsam.embedding_cache import image_key
 from evfsam.specs import CACHE_METRICS
 from serving import metrics
-from serving.cluster import Cluster
+from serving.cluster import Cluster, kill_process_tree, remove_shared_memory
 from serving.envoy import AFFINITY, Envoy, Replica, bootstrap, cluster_name, envoy_binary, write_config
 from serving.repository import RepositoryOptions, write_repository
 from serving.routing_policy import DEFAULT_POLICY, RoutingPolicy
@@ -293,6 +292,7 @@ def measure_kill(cluster: Cluster, seed: int) -> Dict:
     stop_watch = threading.Event()
 
     claim = threading.Lock()
+    leftovers: List[Path] = []  # what the killed replica leaves in /dev/shm, removed after the run
 
     def kill_when(done: int) -> None:
         if done < kill_at or not claim.acquire(blocking=False):
@@ -301,8 +301,8 @@ def measure_kill(cluster: Cluster, seed: int) -> Dict:
             hosts = cluster.envoy.hosts()[cluster_name("grpc", AFFINITY)]
             state["in_flight_at_kill"] = hosts[victim_name].get("rq_active", 0)
             caches_at_kill.extend(cache_counts(cluster))
-            cluster.replicas[victim_index].process.send_signal(signal.SIGKILL)
-            state["killed_at"] = time.time()
+            state["killed_at"], regions = kill_process_tree(cluster.replicas[victim_index].process)
+            leftovers.extend(regions)
         # the lock stays held: nobody kills twice
 
     def watch() -> None:
@@ -328,6 +328,7 @@ def measure_kill(cluster: Cluster, seed: int) -> Dict:
     outcomes = run_workload(cluster.grpc_url, requests, on_progress=kill_when)
     stop_watch.set()
     watcher.join()
+    remove_shared_memory(leftovers)
     killed_at = state["killed_at"]
     after_kill = [o for o in outcomes if o.started >= killed_at]
     survivors = [i for i in range(len(cluster.replicas)) if i != victim_index]

@@ -19,18 +19,22 @@ replica drains its own in-flight requests and stops (serving/server.py).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Set, Tuple
 
 from .envoy import Envoy, EnvoyError, Replica, bootstrap, write_config
 from .routing_policy import DEFAULT_POLICY, RoutingPolicy
 from .server import CRASH_WINDOW_S, ServerError, TritonServer, free_ports
+
+SHARED_MEMORY_DIR = "/dev/shm"
 
 
 @dataclass
@@ -135,6 +139,14 @@ class Cluster:
         raise EnvoyError(f"Envoy sees {len(self.healthy_replicas())} healthy replicas, expected {count}, "
                          f"after {timeout:.0f} s")
 
+    def kill_replica(self, index: int) -> float:
+        """SIGKILL replica `index` as a crashed pod dies (tests, benchmarks): tritonserver and its
+        python-backend stubs at once, then remove the shared-memory regions they leave in /dev/shm.
+        Returns the time of the kill."""
+        killed_at, regions = kill_process_tree(self.replicas[index].process)
+        remove_shared_memory(regions)
+        return killed_at
+
     def restart_crashed(self, max_restarts: int) -> None:
         """Restart replicas whose tritonserver exited; raises ServerError past `max_restarts` per window."""
         for index, server in enumerate(self.replicas):
@@ -229,6 +241,65 @@ def main(argv=None) -> int:
     code = cluster.stop(drain_timeout=args.drain_timeout)
     print(f"cluster stopped (exit code {code})", flush=True)
     return 0 if code == 0 else 1
+
+
+def _process_tree(pid: int) -> List[int]:
+    children: Dict[int, List[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, frontier = [pid], [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children.get(parent, [])]
+        found += frontier
+    return found
+
+
+def _mapped_files(pid: int) -> Set[str]:
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    return {line.split(None, 5)[5] for line in lines if len(line.split(None, 5)) == 6}
+
+
+def kill_process_tree(process: subprocess.Popen) -> Tuple[float, List[Path]]:
+    """SIGKILL a tritonserver and its python-backend stubs (a stub busy in a model can outlive its
+    killed parent for good); returns the time of the kill and the /dev/shm regions they had mapped."""
+    pids = _process_tree(process.pid)
+    regions = python_backend_shared_memory(process.pid)
+    for pid in reversed(pids):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed_at = time.time()
+    process.wait(30)
+    return killed_at, regions
+
+
+def python_backend_shared_memory(pid: int) -> List[Path]:
+    """The python-backend regions in /dev/shm that tritonserver `pid` and its stubs have mapped."""
+    mapped = set().union(*(_mapped_files(p) for p in _process_tree(pid)))
+    return sorted(Path(f) for f in mapped if f.startswith(f"{SHARED_MEMORY_DIR}/triton_python_backend_shm_region_"))
+
+
+def remove_shared_memory(regions: List[Path], timeout: float = 10.0) -> None:
+    """Unlink the regions of a killed tritonserver once no process maps them (its stubs exit when
+    they notice their parent is gone), or after `timeout`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_mapped_by_anyone(region) for region in regions):
+        time.sleep(0.1)
+    for region in regions:
+        region.unlink(missing_ok=True)
+
+
+def _mapped_by_anyone(path: Path) -> bool:
+    return any(str(path) in _mapped_files(int(e.name)) for e in Path("/proc").iterdir() if e.name.isdigit())
 
 
 def _print_banner(cluster: Cluster) -> None:

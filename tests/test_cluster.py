@@ -23,7 +23,7 @@ from clients import AsyncSegmentationClient, SegmentationClient
 from evfsam.affinity import AFFINITY_HEADER, affinity_headers
 from evfsam.embedding_cache import image_key
 from evfsam.specs import EVF_SAM_PROMPTS
-from serving.cluster import Cluster
+from serving.cluster import Cluster, python_backend_shared_memory
 from serving.envoy import AFFINITY, LEAST_REQUEST, cluster_name
 from serving.routing_policy import DEFAULT_POLICY
 from serving.server import free_ports
@@ -144,9 +144,12 @@ def test_killed_replica_costs_no_client_request(cluster):
     victim = owners[0]
     retries_before = cluster.envoy.stat(f"cluster.{GRPC_AFFINITY}.upstream_rq_retry")
     server = cluster.replicas[cluster.replica_names().index(victim)]
-    server.process.send_signal(signal.SIGKILL)
-    server.process.wait(10)
-    killed_at = time.time()
+    regions = python_backend_shared_memory(server.process.pid)
+    stubs = _children(server.process.pid)
+    assert regions and stubs  # the python-backend models' shared memory and stub processes
+    killed_at = cluster.kill_replica(cluster.replica_names().index(victim))
+    assert not any(region.exists() for region in regions)  # nothing the crash left behind
+    assert not any(_running(pid) for pid in stubs)
     with SegmentationClient(cluster.grpc_url, "grpc") as client:
         results = [client.segment_prompts(data, ["left one"]) for data in images]  # raises on any failure
     assert all(len(result) == 1 for result in results)
@@ -217,6 +220,27 @@ def test_affinity_header_of_the_clients():
     assert affinity_headers(None, image_key(data)) == {AFFINITY_HEADER: image_key(data)}
     assert affinity_headers(None, "not-a-key") == {}
     assert affinity_headers() == {}
+
+
+def _children(pid: int) -> list:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()
+            and _parent_of(entry) == pid]
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _parent_of(entry: Path) -> int:
+    try:
+        return int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def _wait_for(condition, timeout: float, process: subprocess.Popen) -> None:
