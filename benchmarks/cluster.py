@@ -364,7 +364,9 @@ def git_commit() -> Dict[str, object]:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+    # Results folders are rewritten by the run itself: only changes to the code make a run "dirty".
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
 
 
 def envoy_version() -> str:
@@ -388,7 +390,7 @@ def main(argv=None) -> int:
         cluster_report.render(args.render)
         return 0
     started, wall, others = time.perf_counter(), {}, {}
-    info, date = machine.machine_info(), datetime.date.today().isoformat()
+    info, date, code = machine.machine_info(), datetime.date.today().isoformat(), git_commit()
     out_dir = args.out or RESULTS_DIR / f"{machine.slug(info)}-{date}-cluster"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir(parents=True)
@@ -416,7 +418,7 @@ def main(argv=None) -> int:
         remap = measure_remap(args.build_dir)
     results = {
         "meta": {"date": date, "command": "python -m benchmarks.cluster " + " ".join(sys.argv[1:]), "machine": info,
-                 "git": git_commit(), "versions": {**machine.versions(), "envoy": envoy_version()},
+                 "git": code, "versions": {**machine.versions(), "envoy": envoy_version()},
                  "workload": {"images": IMAGES, "prompts_per_image": PROMPTS_PER_IMAGE, "concurrency": CONCURRENCY,
                               "cache_images_per_replica": CACHE_IMAGES, "image_size": list(IMAGE_SIZE),
                               "request": "evf_sam_prompts, image bytes + 1 prompt, gRPC through Envoy",

@@ -114,8 +114,10 @@ def summary_markdown(results: Dict, plots: List[str]) -> str:
                   f"(refused by the retry circuit breaker: {kill.get('envoy_retry_overflows')})",
                   f"- Envoy marked it unhealthy after {kill['seconds_until_envoy_marks_unhealthy']} s "
                   f"(flags {kill['unhealthy_flags']}; health checks every {kill['health_check_interval_s']} s, "
-                  f"{kill['unhealthy_threshold']} failures); last request routed to it "
-                  f"{kill['last_request_to_victim_after_kill_s']} s after the kill",
+                  f"{kill['unhealthy_threshold']} failures); "
+                  + ("no request was routed to it after the kill (the ones in flight there were retried elsewhere)"
+                     if kill["last_request_to_victim_after_kill_s"] is None else
+                     f"last request routed to it {kill['last_request_to_victim_after_kill_s']} s after the kill"),
                   f"- cache hit rate before the kill {100 * (kill['hit_rate_before_kill'] or 0):.0f}%, after it on the "
                   f"survivors {100 * (kill['hit_rate_after_kill'] or 0):.0f}% (the victim's images are encoded again "
                   "where they now map)",
