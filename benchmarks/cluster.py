@@ -365,7 +365,7 @@ def git_commit() -> Dict[str, object]:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
     # Results folders are rewritten by the run itself: only changes to the code make a run "dirty".
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ":(top)", ":(top,exclude)benchmarks/results")
     return {"commit": git("rev-parse", "HEAD"), "dirty": bool(changed)}
 
 
