@@ -175,7 +175,10 @@ def test_triton_pod(default_objects):
     policy = DEFAULT_POLICY
     assert pod["terminationGracePeriodSeconds"] == policy.termination_grace_period_s
     assert pod["terminationGracePeriodSeconds"] > policy.endpoint_removal_delay_s + policy.replica_drain_timeout_s
-    assert "--exit-timeout-secs=60" in container["args"]
+    exit_timeout = int(next(a for a in container["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
+    # Worst case: endpoint removal + preStop drain + tritonserver's exit, all inside the grace period.
+    assert (policy.endpoint_removal_delay_s + policy.replica_drain_timeout_s + exit_timeout
+            < pod["terminationGracePeriodSeconds"])
 
 
 def test_routing_values_are_the_routing_policy():
@@ -249,6 +252,8 @@ def test_bad_values_fail_at_render_time(values, where):
 def test_inconsistent_values_fail_at_render_time():
     with pytest.raises(helm.HelmRenderError, match="minReplicas"):
         render({"autoscaling": {"minReplicas": 9, "maxReplicas": 3}})
+    with pytest.raises(helm.HelmRenderError, match="exitTimeoutSeconds"):
+        render({"triton": {"exitTimeoutSeconds": 45}})
     with pytest.raises(helm.HelmRenderError, match="KServe"):
         render({**KSERVE, "istio": {"enabled": True}})
 

@@ -47,7 +47,8 @@ serving.kserve.io/inferenceservice: {{ include "evf-sam-triton.fullname" . }}
 {{- end -}}
 {{- end -}}
 
-{{/* Stop budget: the proxies notice the endpoint is gone, the replica drains, plus a margin. */}}
+{{/* Stop budget: the proxies notice the endpoint is gone, the replica drains (preStop), then
+tritonserver's own exit after SIGTERM (at most triton.exitTimeoutSeconds, under the 30 s margin). */}}
 {{- define "evf-sam-triton.terminationGracePeriodSeconds" -}}
 {{- add .Values.routing.endpointRemovalDelaySeconds .Values.routing.replicaDrainTimeoutSeconds 30 -}}
 {{- end -}}
@@ -55,6 +56,9 @@ serving.kserve.io/inferenceservice: {{ include "evf-sam-triton.fullname" . }}
 {{- define "evf-sam-triton.checks" -}}
 {{- if gt (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas) -}}
 {{- fail (printf "autoscaling.minReplicas (%d) must not exceed autoscaling.maxReplicas (%d)" (int .Values.autoscaling.minReplicas) (int .Values.autoscaling.maxReplicas)) -}}
+{{- end -}}
+{{- if ge (int .Values.triton.exitTimeoutSeconds) 30 -}}
+{{- fail (printf "triton.exitTimeoutSeconds (%d) must stay under the 30 s margin of terminationGracePeriodSeconds" (int .Values.triton.exitTimeoutSeconds)) -}}
 {{- end -}}
 {{- if and (eq .Values.mode "kserve") (.Values.istio.enabled) -}}
 {{- fail "istio.enabled applies to mode: deployment (KServe creates its own Service)" -}}
@@ -99,7 +103,7 @@ imagePullPolicy: {{ $v.image.pullPolicy }}
 {{- /* Explicit, so that a KServe runtime's own command line does not replace the image's script. */}}
 command: ["/usr/local/bin/evf-sam-tritonserver"]
 args:
-  - --exit-timeout-secs={{ $v.routing.replicaDrainTimeoutSeconds }}
+  - --exit-timeout-secs={{ $v.triton.exitTimeoutSeconds }}
   {{- with $v.triton.extraArgs }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
