@@ -9,6 +9,9 @@ when the server serves it (checked once, at the first such call): one request pe
 `MAX_PROMPTS_PER_REQUEST` prompts, the image encoded once on the server and its embedding cached
 under the returned `Segmentation.image_key`, which a later call may send instead of the image.
 Without that model the prompts go to `EVF_SAM` as concurrent single-prompt requests.
+
+Every request carries the image-affinity header `x-image-key` (`evfsam.affinity`), so a proxy in front
+of several replicas sends all requests for one image to the replica whose cache holds it.
 """
 from __future__ import annotations
 
@@ -16,7 +19,12 @@ import contextlib
 from collections import deque
 from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
+<<<<<<< HEAD
 from evfsam.specs import MAX_PROMPTS_PER_REQUEST, RAW_MASKS, ServedModelSpec
+=======
+from evfsam.affinity import affinity_headers
+from evfsam.specs import MAX_PROMPTS_PER_REQUEST, ServedModelSpec
+>>>>>>> scale-out
 
 from .contract import (
     DEFAULT_PROMPTS_SPEC,
@@ -174,8 +182,9 @@ class SegmentationClient:
 
     def _start(self, image: ImageInput, prompt: str) -> Pending:
         module = self._transport.module
-        inputs = build_inputs(module, encode_image(image), prompt, self.spec)
-        handle = self._transport.submit(inputs, requested_outputs(module, self.spec))
+        encoded = encode_image(image)
+        inputs = build_inputs(module, encoded, prompt, self.spec)
+        handle = self._transport.submit(inputs, requested_outputs(module, self.spec), headers=affinity_headers(encoded))
         return handle, lambda done: parse_result(self._transport.wait(done), prompt, self.spec)
 
     def _start_prompts(self, image: Optional[bytes], image_key: Optional[str], prompts: List[str],
@@ -183,9 +192,16 @@ class SegmentationClient:
         spec = self.prompts_spec
         assert spec is not None
         module = self._transport.module
+<<<<<<< HEAD
         inputs = build_prompts_inputs(module, prompts, image, image_key, spec, mask_format)
         handle = self._transport.submit(inputs, requested_prompts_outputs(module, spec, mask_format), spec.name)
         return handle, lambda done: self._finish_prompts(done, prompts, image_key, mask_format)
+=======
+        inputs = build_prompts_inputs(module, prompts, image, image_key, spec)
+        handle = self._transport.submit(inputs, requested_outputs(module, spec), spec.name,
+                                        affinity_headers(image, image_key))
+        return handle, lambda done: self._finish_prompts(done, prompts, image_key)
+>>>>>>> scale-out
 
     def _finish_prompts(self, handle: Any, prompts: List[str], image_key: Optional[str],
                         mask_format: str) -> List[Segmentation]:

@@ -8,6 +8,7 @@ them, so gevent prints no traceback of its own.  Async transports expose a corou
 
 Every call goes through `translate_errors`, so only `ClientError`s leave this module.  A transport
 talks to one model by default; `metadata`, `submit` and `infer` take another model's name (the
+<<<<<<< HEAD
 many-prompts companion) on the same connection.
 
 Inference timeouts are the client's alone: no gRPC deadline is sent with an inference, and a call
@@ -15,6 +16,10 @@ that outlasts `timeout` raises `RequestTimeout` here while the server finishes i
 expires on the server is a cancellation, and cancelling a request in flight is what can crash
 tritonserver 2.51 (triton-inference-server/server issue 7368).  Metadata calls, which cannot be
 cancelled mid-inference, keep the deadline.
+=======
+many-prompts companion of the ensemble) on the same connection, and the headers of the request
+(gRPC metadata or HTTP headers: the image-affinity header of `evfsam.affinity`).
+>>>>>>> scale-out
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ PROTOCOLS = ("grpc", "http")
 # A full-size model on a small CPU takes 80+ s per image, and several requests may queue before it.
 DEFAULT_TIMEOUT_S = 900.0
 _SCHEMES = ("grpc://", "http://")
+Headers = Optional[Dict[str, str]]
 
 
 def normalise_url(url: str) -> str:
@@ -92,14 +98,22 @@ class GrpcTransport(_Transport):
         with self.errors(metadata_of=model):
             return self._client.get_model_metadata(model, as_json=True, client_timeout=self.timeout)
 
-    def submit(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> "Future[Any]":
+    def submit(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> "Future[Any]":
         future: "Future[Any]" = Future()
 
         def done(result: Any, error: Optional[Exception]) -> None:
             future.set_exception(error) if error is not None else future.set_result(result)
 
         with self.errors():
+<<<<<<< HEAD
             self._client.async_infer(self.model_name(model), inputs, done, outputs=outputs)
+=======
+            self._client.async_infer(
+                self.model_name(model), inputs, done, outputs=outputs, client_timeout=self.timeout, headers=headers
+            )
+>>>>>>> scale-out
         return future
 
     def wait(self, handle: "Future[Any]") -> Any:
@@ -132,8 +146,10 @@ class HttpTransport(_Transport):
         with self.errors(metadata_of=model):
             return self._client.get_model_metadata(model)
 
-    def submit(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> "gevent.Greenlet":
-        return gevent.spawn(self._infer_capturing_failure, self.model_name(model), inputs, outputs)
+    def submit(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> "gevent.Greenlet":
+        return gevent.spawn(self._infer_capturing_failure, self.model_name(model), inputs, outputs, headers)
 
     def wait(self, handle: "gevent.Greenlet") -> Any:
         result, failure = handle.get()
@@ -143,10 +159,10 @@ class HttpTransport(_Transport):
             return result
 
     def _infer_capturing_failure(
-        self, model: str, inputs: List[Any], outputs: List[Any]
+        self, model: str, inputs: List[Any], outputs: List[Any], headers: Headers
     ) -> Tuple[Any, Optional[BaseException]]:
         try:
-            return self._client.infer(model, inputs, outputs=outputs), None
+            return self._client.infer(model, inputs, outputs=outputs, headers=headers), None
         except Exception as exc:  # re-raised by `wait`, in the caller's frame
             return None, exc
 
@@ -168,11 +184,21 @@ class AsyncGrpcTransport(_Transport):
         with self.errors(metadata_of=model):
             return await self._client.get_model_metadata(model, as_json=True, client_timeout=self.timeout)
 
+<<<<<<< HEAD
     async def infer(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> Any:
         call = asyncio.ensure_future(self._client.infer(self.model_name(model), inputs, outputs=outputs))
         with self.errors():
             # shield: a timeout (or the caller's cancellation) stops the waiting, not the call
             return await asyncio.wait_for(asyncio.shield(call), self.timeout)
+=======
+    async def infer(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> Any:
+        with self.errors():
+            return await self._client.infer(
+                self.model_name(model), inputs, outputs=outputs, client_timeout=self.timeout, headers=headers
+            )
+>>>>>>> scale-out
 
     async def close(self) -> None:
         await self._client.close()
@@ -194,9 +220,11 @@ class AsyncHttpTransport(_Transport):
         with self.errors(metadata_of=model):
             return await self._client.get_model_metadata(model)
 
-    async def infer(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> Any:
+    async def infer(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> Any:
         with self.errors():
-            return await self._client.infer(self.model_name(model), inputs, outputs=outputs)
+            return await self._client.infer(self.model_name(model), inputs, outputs=outputs, headers=headers)
 
     async def close(self) -> None:
         await self._client.close()
