@@ -12,12 +12,8 @@ import asyncio
 from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Iterable, List, Optional, Sequence, TypeVar, Union
 
-<<<<<<< HEAD
-from evfsam.specs import RAW_MASKS, ServedModelSpec
-=======
 from evfsam.affinity import affinity_headers
-from evfsam.specs import ServedModelSpec
->>>>>>> scale-out
+from evfsam.specs import RAW_MASKS, ServedModelSpec
 
 from .client import (
     DEFAULT_CONCURRENCY,
@@ -193,13 +189,9 @@ class AsyncSegmentationClient:
         module = self._transport.module
         inputs = build_prompts_inputs(module, prompts, image, image_key, spec, mask_format)
         try:
-<<<<<<< HEAD
-            result = await self._transport.infer(inputs, requested_prompts_outputs(module, spec, mask_format), spec.name)
-=======
             result = await self._transport.infer(
-                inputs, requested_outputs(module, spec), spec.name, affinity_headers(image, image_key)
+                inputs, requested_prompts_outputs(module, spec, mask_format), spec.name, affinity_headers(image, image_key)
             )
->>>>>>> scale-out
         except ServerError as exc:
             if image_key is None:
                 raise

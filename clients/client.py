@@ -19,12 +19,8 @@ import contextlib
 from collections import deque
 from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
-<<<<<<< HEAD
-from evfsam.specs import MAX_PROMPTS_PER_REQUEST, RAW_MASKS, ServedModelSpec
-=======
 from evfsam.affinity import affinity_headers
-from evfsam.specs import MAX_PROMPTS_PER_REQUEST, ServedModelSpec
->>>>>>> scale-out
+from evfsam.specs import MAX_PROMPTS_PER_REQUEST, RAW_MASKS, ServedModelSpec
 
 from .contract import (
     DEFAULT_PROMPTS_SPEC,
@@ -192,16 +188,10 @@ class SegmentationClient:
         spec = self.prompts_spec
         assert spec is not None
         module = self._transport.module
-<<<<<<< HEAD
         inputs = build_prompts_inputs(module, prompts, image, image_key, spec, mask_format)
-        handle = self._transport.submit(inputs, requested_prompts_outputs(module, spec, mask_format), spec.name)
-        return handle, lambda done: self._finish_prompts(done, prompts, image_key, mask_format)
-=======
-        inputs = build_prompts_inputs(module, prompts, image, image_key, spec)
-        handle = self._transport.submit(inputs, requested_outputs(module, spec), spec.name,
+        handle = self._transport.submit(inputs, requested_prompts_outputs(module, spec, mask_format), spec.name,
                                         affinity_headers(image, image_key))
-        return handle, lambda done: self._finish_prompts(done, prompts, image_key)
->>>>>>> scale-out
+        return handle, lambda done: self._finish_prompts(done, prompts, image_key, mask_format)
 
     def _finish_prompts(self, handle: Any, prompts: List[str], image_key: Optional[str],
                         mask_format: str) -> List[Segmentation]:

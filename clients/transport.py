@@ -8,18 +8,14 @@ them, so gevent prints no traceback of its own.  Async transports expose a corou
 
 Every call goes through `translate_errors`, so only `ClientError`s leave this module.  A transport
 talks to one model by default; `metadata`, `submit` and `infer` take another model's name (the
-<<<<<<< HEAD
-many-prompts companion) on the same connection.
+many-prompts companion) on the same connection, and the headers of the request (gRPC metadata or
+HTTP headers: the image-affinity header of `evfsam.affinity`).
 
 Inference timeouts are the client's alone: no gRPC deadline is sent with an inference, and a call
 that outlasts `timeout` raises `RequestTimeout` here while the server finishes it.  A deadline that
 expires on the server is a cancellation, and cancelling a request in flight is what can crash
 tritonserver 2.51 (triton-inference-server/server issue 7368).  Metadata calls, which cannot be
 cancelled mid-inference, keep the deadline.
-=======
-many-prompts companion of the ensemble) on the same connection, and the headers of the request
-(gRPC metadata or HTTP headers: the image-affinity header of `evfsam.affinity`).
->>>>>>> scale-out
 """
 from __future__ import annotations
 
@@ -107,13 +103,7 @@ class GrpcTransport(_Transport):
             future.set_exception(error) if error is not None else future.set_result(result)
 
         with self.errors():
-<<<<<<< HEAD
-            self._client.async_infer(self.model_name(model), inputs, done, outputs=outputs)
-=======
-            self._client.async_infer(
-                self.model_name(model), inputs, done, outputs=outputs, client_timeout=self.timeout, headers=headers
-            )
->>>>>>> scale-out
+            self._client.async_infer(self.model_name(model), inputs, done, outputs=outputs, headers=headers)
         return future
 
     def wait(self, handle: "Future[Any]") -> Any:
@@ -184,21 +174,14 @@ class AsyncGrpcTransport(_Transport):
         with self.errors(metadata_of=model):
             return await self._client.get_model_metadata(model, as_json=True, client_timeout=self.timeout)
 
-<<<<<<< HEAD
-    async def infer(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> Any:
-        call = asyncio.ensure_future(self._client.infer(self.model_name(model), inputs, outputs=outputs))
-        with self.errors():
-            # shield: a timeout (or the caller's cancellation) stops the waiting, not the call
-            return await asyncio.wait_for(asyncio.shield(call), self.timeout)
-=======
     async def infer(
         self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
     ) -> Any:
+        call = asyncio.ensure_future(
+            self._client.infer(self.model_name(model), inputs, outputs=outputs, headers=headers))
         with self.errors():
-            return await self._client.infer(
-                self.model_name(model), inputs, outputs=outputs, client_timeout=self.timeout, headers=headers
-            )
->>>>>>> scale-out
+            # shield: a timeout (or the caller's cancellation) stops the waiting, not the call
+            return await asyncio.wait_for(asyncio.shield(call), self.timeout)
 
     async def close(self) -> None:
         await self._client.close()
