@@ -29,25 +29,16 @@ SAM2_REFERENCE := sam2==1.1.0
 SETUPTOOLS := setuptools==84.2.1
 export PYTHONPATH := $(CURDIR)
 
-<<<<<<< HEAD
-.PHONY: help install test test-slow demo export onnx engines repository prepare serve bench clean
-=======
-.PHONY: help install test test-slow demo export onnx engines repository serve serve-cluster bench clean
->>>>>>> scale-out
+.PHONY: help install test test-slow demo export onnx engines repository prepare serve serve-cluster bench clean
 
 help:
 	@echo "make demo        set up, export a checkpoint, serve it, run one request (CHECKPOINT=dir|hub-id)"
 	@echo "make test        set up and run the test suite (real tritonserver, real ONNX Runtime)"
 	@echo "make export      ONNX graphs + validation (+ TensorRT plans where TensorRT is importable)"
-<<<<<<< HEAD
 	@echo "make repository  generate the Triton model repository (FLAVOR=python-ort|onnxruntime|tensorrt, DEVICE=cpu|gpu)"
 	@echo "make serve       serve CHECKPOINT (re-exports / regenerates what is stale) in the foreground"
 	@echo "                 (HTTP_PORT, GRPC_PORT, METRICS_PORT, ADDRESS, FLAVOR, DEVICE, RECIPE)"
-=======
-	@echo "make repository  generate the Triton model repository (FLAVOR=python-ort|onnxruntime|tensorrt)"
-	@echo "make serve       run tritonserver in the foreground (HTTP_PORT, GRPC_PORT, METRICS_PORT, ADDRESS)"
 	@echo "make serve-cluster  REPLICAS=N tritonservers behind Envoy routing by image (same knobs, ENVOY_ADMIN_PORT)"
->>>>>>> scale-out
 	@echo "make bench       CPU benchmark suite -> benchmarks/results/<machine>-<date>/"
 	@echo "make bench-cluster  replicas behind Envoy: affinity vs round robin, remapping, a killed replica"
 
@@ -115,18 +106,13 @@ serve: prepare
 	$(PY) -m serving.server --repository $(REPO_DIR) --address $(ADDRESS) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
-<<<<<<< HEAD
-demo: prepare
-=======
 # Envoy on HTTP_PORT / GRPC_PORT, replica i's metrics on METRICS_PORT + i (serving/cluster.py).
-serve-cluster: install
-	@test -f $(REPO_DIR)/evf_sam/config.pbtxt || $(MAKE) --no-print-directory onnx repository
+serve-cluster: prepare
 	$(PY) -m serving.cluster --repository $(REPO_DIR) --replicas $(REPLICAS) --address $(ADDRESS) \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
 		--admin-port $(ENVOY_ADMIN_PORT) --log-dir $(BUILD)/cluster-logs
 
-demo: onnx repository
->>>>>>> scale-out
+demo: prepare
 	$(PY) -m serving.demo --repository $(REPO_DIR) --image $(IMAGE) --prompt "$(PROMPT)" \
 		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(RANDOM_WEIGHTS)
 

@@ -1,16 +1,12 @@
 # Benchmarks, included from the Makefile.  Results land in benchmarks/results/<machine>-<date>[-<size>]/.
 #   make bench        CPU suite, tiny model, end to end (< 15 min on 2 cores): eager vs ORT vs Triton
 #   make bench-full   the same suite on the full-size model (SAM ViT-H + BEiT-3 large): hours on a small CPU
-<<<<<<< HEAD
 #   make gpu-check    EVF-SAM's GPU paths in <= 10 minutes on one H100 / H200 with the machine's own python
 #                     (GPU_PY, default python3: torch with CUDA, onnx, onnxruntime, opencv, pillow, tokenizers,
 #                     matplotlib, safetensors, sentencepiece, plus segment-anything==1.0, a pure-Python wheel to
 #                     carry where there is no network); no Docker, TensorRT or network
 #   make bench-gpu    the same script without the ten-minute budget: bigger sweeps (BENCH_GPU_ARGS)
-=======
-#   make bench-gpu    PyTorch paths on a CUDA GPU (needs a CUDA build of torch: GPU_PY=python in an NGC container)
 #   make bench-cluster replicas behind Envoy: affinity vs round robin, key remapping, a replica killed (< 15 min)
->>>>>>> scale-out
 BENCH_SIZE ?= tiny
 BENCH_ARGS ?=
 GPU_PY ?= python3
@@ -20,11 +16,7 @@ BENCH_GPU_ARGS ?= --budget-s 3000 --batches 1 2 4 8 16 32 --compile-batches 1 4 
 #   make bench-processing  pre/post-processing on one core, before vs after the numpy rewrite (~2 min)
 BENCH_PROCESSING_ARGS ?=
 
-<<<<<<< HEAD
-.PHONY: bench bench-full bench-gpu gpu-check bench-processing
-=======
-.PHONY: bench bench-full bench-gpu bench-cluster
->>>>>>> scale-out
+.PHONY: bench bench-full bench-gpu gpu-check bench-processing bench-cluster
 
 # perf_analyzer (tritonclient[all]==2.51.0, in the venv) links Debian's libb64.so.0d; where it is missing,
 # benchmarks/perf_analyzer.py builds benchmarks/libb64_compat.c (same interface) with cc into build/libb64/.
@@ -34,7 +26,6 @@ bench: install
 bench-full: install
 	$(PY) -m benchmarks.run --size full --build-dir $(BUILD)/bench/full $(BENCH_ARGS)
 
-<<<<<<< HEAD
 # No `install` prerequisite: the GPU machine's python has its own CUDA torch (the venv's is the CPU build).
 _GPU_ENV = PYTHONPATH=$(CURDIR)$(if $(strip $(GPU_PYTHONPATH)),:$(strip $(GPU_PYTHONPATH)))
 _GPU_PREFLIGHT = $(_GPU_ENV) $(GPU_PY) -c "import importlib.util as u, sys; sys.exit(u.find_spec('segment_anything') is None)" || \
@@ -50,10 +41,6 @@ bench-gpu:
 
 bench-processing: install
 	$(PY) -m benchmarks.processing $(BENCH_PROCESSING_ARGS)
-=======
-bench-gpu: install
-	$(GPU_PY) -m benchmarks.gpu_torch --device cuda --size full $(BENCH_GPU_ARGS)
 
 bench-cluster: install
 	$(PY) -m benchmarks.cluster --build-dir $(BUILD)/bench/cluster $(BENCH_ARGS)
->>>>>>> scale-out
