@@ -1,4 +1,5 @@
-"""The eager PyTorch reference: upstream `inference.py` + `EvfSamModel.inference`, op for op.
+"""The eager PyTorch reference: upstream `inference.py` + `EvfSamModel.inference` (`TorchPipeline`) and
+`EvfSam2Model.inference` (`Sam2TorchPipeline`), op for op.
 
 Pre- and post-processing here use torch (as upstream does); the numpy versions in
 `evfsam.processing` that the server runs are tested against these.  The mask decoder is called
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .modeling.evf_sam import EvfSamModel
+from .modeling.evf_sam2 import EvfSam2Model
 from .processing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, RecipeLike, get_recipe, resized_shape
 from .specs import BEIT3_IMAGE_SIZE, SAM_IMAGE_SIZE
 
@@ -122,5 +124,51 @@ class TorchPipeline:
         for prompt in prompts:
             low_res, iou = self.decode(embeddings, self.text_embeds(rgb, prompt))
             logits = torch_mask_logits(low_res.float(), resized, rgb.shape[:2])[0, 0].cpu().numpy()
+            results.append(Segmentation((logits > 0).astype(np.uint8), float(iou[0, 0]), logits))
+        return results
+
+
+class Sam2TorchPipeline:
+    """EVF-SAM2: one image + one prompt -> mask, as upstream's `inference.py` (model_type "sam2") and
+    `EvfSam2Model.inference` compute it for `recipe`: its SAM-2 view, SAM-2's image encoder with
+    `no_mem_embed`, BEiT-3, the mask decoder with the recipe's mask selection, and the direct resize of
+    the low-resolution logits to the original size."""
+
+    def __init__(self, model: EvfSam2Model, tokenize: Callable[[str], List[int]], recipe: RecipeLike = "sam2-v2",
+                 device="cpu", dtype=torch.float32):
+        self.recipe = get_recipe(recipe)
+        if self.recipe.family != "sam2":
+            raise ValueError(f"recipe {self.recipe.name!r} is for the {self.recipe.family!r} family, not sam2")
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.tokenize = tokenize
+        self.device = device
+        self.dtype = dtype
+
+    @torch.inference_mode()
+    def image_features(self, rgb: np.ndarray) -> Tuple[Tuple[torch.Tensor, ...], Tuple[int, int]]:
+        """(image_embeddings, high_res_feats_0, high_res_feats_1), and the size inside the SAM view."""
+        images, resized = torch_sam_view(rgb, self.recipe)
+        return tuple(self.model.encode_image(images[None].to(self.device, self.dtype))), resized
+
+    @torch.inference_mode()
+    def text_embeds(self, rgb: np.ndarray, prompt: str) -> torch.Tensor:
+        input_ids = torch.tensor([self.tokenize(prompt)], dtype=torch.long, device=self.device)
+        images_evf = torch_beit3_view(rgb, self.recipe)[None].to(self.device, self.dtype)
+        return self.model.encode_prompt(images_evf, input_ids, torch.ones_like(input_ids))
+
+    @torch.inference_mode()
+    def decode(self, features: Tuple[torch.Tensor, ...], text_embeds: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.model.decode_masks(*features, text_embeds, self.recipe.mask_selection)
+
+    def __call__(self, rgb: np.ndarray, prompt: str) -> Segmentation:
+        return self.segment_many(rgb, [prompt])[0]
+
+    @torch.inference_mode()
+    def segment_many(self, rgb: np.ndarray, prompts: Sequence[str]) -> List[Segmentation]:
+        features, resized = self.image_features(rgb)
+        results = []
+        for prompt in prompts:
+            low_res, iou = self.decode(features, self.text_embeds(rgb, prompt))
+            logits = torch_mask_logits(low_res.float(), resized, rgb.shape[:2], self.recipe)[0, 0].cpu().numpy()
             results.append(Segmentation((logits > 0).astype(np.uint8), float(iou[0, 0]), logits))
         return results
