@@ -73,7 +73,7 @@ def phase(name: str, wall: Dict[str, float], others: Dict[str, float]):
     print(f"== {name}: {wall[name]:.0f} s (other jobs used {100 * (others[name] or 0):.0f}% of the CPUs)", flush=True)
 
 
-def prepare_model(family_name: str, size: str, build_dir: Path) -> Tuple[Path, Path]:
+def prepare_model(size: str, build_dir: Path, family_name: str = "ori") -> Tuple[Path, Path]:
     """The random-weight checkpoint and its ONNX graphs, made once and reused."""
     from export.__main__ import parse_args as export_args, run as export_run
     from export.tiny_checkpoint import write_tiny_checkpoint
@@ -233,7 +233,7 @@ def run_family(family_name: str, size: str, build_dir: Path, budget: Budget, sam
                wall: Dict[str, float], others: Dict[str, float], loads: Dict) -> Dict:
     """Every measurement of one family; returns what `collect` needs."""
     with phase(f"model: random {family_name} {size} checkpoint + ONNX export", wall, others):
-        checkpoint, onnx_dir = prepare_model(family_name, size, build_dir)
+        checkpoint, onnx_dir = prepare_model(size, build_dir, family_name)
     family_spec, recipe = exported_family(onnx_dir)
     images = samples_from or derived_images(SAMPLE_IMAGE, build_dir / "images")
     samples = load_samples(images)[: budget.samples]
