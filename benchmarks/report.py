@@ -141,9 +141,11 @@ def server_model_table(point: Dict, parts: Sequence[str], served_model: str) -> 
 
 
 def sweep_table(points: Sequence[Dict]) -> str:
-    return table(["concurrency", "requests", "infer/s", "mean ms", "p50 ms", "p90 ms", "p99 ms", "other jobs' CPU"],
+    return table(["concurrency", "requests", "infer/s", "mean ms", "p50 ms", "p90 ms", "p99 ms", "CPU ms per request",
+                  "other jobs' CPU"],
                  [[p["concurrency"], p["request_count"], fmt(p["throughput"], 2), fmt(p["mean_ms"]), fmt(p["p50_ms"]),
-                   fmt(p["p90_ms"]), fmt(p["p99_ms"]), share(p.get("other_jobs_cpu_share"))] for p in points])
+                   fmt(p["p90_ms"]), fmt(p["p99_ms"]), fmt(p.get("cpu_ms_per_request")),
+                   share(p.get("other_jobs_cpu_share"))] for p in points])
 
 
 def served_concurrency_table(points: Sequence[Dict], parts: Sequence[str]) -> str:
@@ -237,9 +239,10 @@ def served_detail(results: Dict) -> str:
         models, cache = p["models"], p["cache"]
         rows.append([f"`{p['model']}`", p["prompts"], p["mode"], p["request_count"], fmt(p["mean_ms"]), fmt(p["p99_ms"]),
                      *(fmt(models[m]["total_ms"] if m != "own" else models[m]["compute_ms"]) for m in parts),
-                     f"{cache['hits']} / {cache['misses']}", share(p.get("other_jobs_cpu_share"))])
+                     f"{cache['hits']} / {cache['misses']}", fmt(p.get("cpu_ms_per_request")),
+                     share(p.get("other_jobs_cpu_share"))])
     return table(["model", "N", "mode", "requests", "mean ms", "p99 ms", *(f"{PART_LABELS.get(m, m)} ms" for m in parts),
-                  "cache hits / misses", "other jobs' CPU"], rows)
+                  "cache hits / misses", "CPU ms per request", "other jobs' CPU"], rows)
 
 
 def repeated_image_table(results: Dict) -> str:
@@ -248,9 +251,10 @@ def repeated_image_table(results: Dict) -> str:
     rows = []
     for mode, point in repeated.items():
         rows.append([SERVED_MODES[mode], point["request_count"], fmt(point["mean_ms"]), fmt(point["p50_ms"]),
-                     fmt(point["p99_ms"]), fmt(ratio(uncached["mean_ms"], point["mean_ms"]) if uncached else None, 2, "×")])
+                     fmt(point["p99_ms"]), fmt(ratio(uncached["mean_ms"], point["mean_ms"]) if uncached else None, 2, "×"),
+                     fmt(point.get("cpu_ms_per_request")), share(point.get("other_jobs_cpu_share"))])
     return table(["`evf_sam`, one prompt per request", "requests", "mean ms", "p50 ms", "p99 ms",
-                  "speed-up vs uncached (mean)"], rows)
+                  "speed-up vs uncached (mean)", "CPU ms per request", "other jobs' CPU"], rows)
 
 
 def _served_sections(results: Dict) -> List[str]:

@@ -55,6 +55,7 @@ def measured_point(server: TritonServer, model: str, input_data: Path, concurren
     point = pa.run_point(model, server.grpc_url, input_data, concurrency, requests, out_dir).to_dict()
     delta = ServerCounters.read(server).minus(before)
     point["other_jobs_cpu_share"] = share.others()
+    point["cpu_ms_per_request"] = 1000 * share.own_seconds() / requests
     point.update(inspect(f"{model} c={concurrency}", delta))
     return point
 
