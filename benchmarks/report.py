@@ -317,6 +317,8 @@ def _model_lines(meta: Dict) -> List[str]:
     lines = [f"- Family `{meta['family']}` ({FAMILY_LABELS.get(meta['family'], '')}), recipe `{meta['recipe']}`, "
              f"size `{meta['size']}`: {SIZE_LABELS.get((meta['family'], meta['size']), meta['size'])}",
              f"- Parameters: {params}"]
+    if model.get("exporter_commit"):
+        lines.append(f"- ONNX graphs exported by commit `{model['exporter_commit']}`")
     if flops:
         lines.append(f"- Image encoder ({flops['encoder']}): {flops['tflop']:.3f} TFLOP per 1024² image "
                      "(torch.utils.flop_counter, a multiply-add = 2 FLOPs)")

@@ -24,6 +24,7 @@ import gc
 import json
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -41,9 +42,11 @@ from .inprocess import EagerPipeline, OrtPipeline, exported_family
 from .measure import EAGER, ORT, batch_scaling, prompt_scaling, side_by_side, stage_breakdown
 from .samples import SAMPLE_IMAGE, Sample, derived_images, load_samples
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 CHECKPOINT_DONE = "sentencepiece.bpe.model"  # written last by export.tiny_checkpoint
-ONNX_DONE = "manifest.json"  # written last by python -m export
+# What the exported graphs are made of: an export by other code than the checkout's is made again.
+MODEL_CODE = ("evfsam/modeling", "evfsam/specs.py", "evfsam/recipes.py", "evfsam/checkpoint.py", "export")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -73,15 +76,33 @@ def phase(name: str, wall: Dict[str, float], others: Dict[str, float]):
     print(f"== {name}: {wall[name]:.0f} s (other jobs used {100 * (others[name] or 0):.0f}% of the CPUs)", flush=True)
 
 
+def stale_export(onnx_dir: Path) -> Optional[str]:
+    """Why the graphs in `onnx_dir` may not be what the checked-out code exports (None: they are)."""
+    manifest = provenance.read_manifest(onnx_dir)
+    if manifest is None:
+        return "no export yet"
+    commit = manifest.get("exporter_commit", "unknown")
+    if commit == "unknown" or commit.endswith("-dirty"):
+        return f"exported by code that was not committed ({commit})"
+    for against in ([commit, "HEAD"], ["HEAD"]):  # since that commit, and uncommitted changes now
+        changed = subprocess.run(["git", "-C", str(REPO_ROOT), "diff", "--quiet", *against, "--", *MODEL_CODE])
+        if changed.returncode != 0:
+            return f"the model or export code changed since the export ({commit})"
+    return None
+
+
 def prepare_model(size: str, build_dir: Path, family_name: str = "ori") -> Tuple[Path, Path]:
-    """The random-weight checkpoint and its ONNX graphs, made once and reused."""
+    """The random-weight checkpoint and its ONNX graphs, made once and reused while the code that
+    exports them is unchanged."""
     from export.__main__ import parse_args as export_args, run as export_run
     from export.tiny_checkpoint import write_tiny_checkpoint
 
     checkpoint, onnx_dir = build_dir / "checkpoint", build_dir / "onnx"
     if not (checkpoint / CHECKPOINT_DONE).is_file():
         write_tiny_checkpoint(checkpoint, size, family=family_name)
-    if not (onnx_dir / ONNX_DONE).is_file():
+    reason = stale_export(onnx_dir)
+    if reason is not None:
+        print(f"exporting {checkpoint}: {reason}", flush=True)
         export_run(export_args(["--checkpoint", str(checkpoint), "--output-dir", str(onnx_dir)]))
     return checkpoint, onnx_dir
 
@@ -101,6 +122,7 @@ def measure_inprocess(checkpoint: Path, onnx_dir: Path, samples: Sequence[Sample
     result["batch_scaling"] = batch_scaling(ort, samples, budget) if budget.batch_sizes else {}
     result["prompt_scaling"] = prompt_scaling(eager, ort, samples[0], budget) if budget.prompt_counts else {}
     result["parameters"] = eager.parameter_counts()
+    result["exporter_commit"] = provenance.read_manifest(onnx_dir).get("exporter_commit")
     result["perf_inputs"] = write_input_data(ort, samples, engine_samples, max(budget.concurrency), inputs_dir)
     return result
 
@@ -196,7 +218,8 @@ def collect(args, family_spec: FamilySpec, recipe: str, info, budget, samples, i
         "command": "python -m benchmarks.run " + shlex.join(sys.argv[1:]),
         "machine": info, "versions": machine.versions(), "perf_analyzer_version": pa.version(),
         "tritonserver_version": triton.get("tritonserver_version") if triton else None,
-        "model": {"parameters": inprocess["parameters"], "encoder_flops": image_encoder_flops(family_spec.name, args.size)},
+        "model": {"parameters": inprocess["parameters"], "encoder_flops": image_encoder_flops(family_spec.name, args.size),
+                  "exporter_commit": inprocess.get("exporter_commit")},
         "samples": [s.describe() for s in samples], "budget": budget.to_dict(), "wall_seconds": wall, **load,
         "not_measured": NOT_MEASURED + (["Triton: skipped (--skip-triton)."] if not triton else [])
         + (["Cache / N-prompts sweep: skipped."] if not served else []),
