@@ -12,7 +12,8 @@ import asyncio
 from collections import deque
 from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Iterable, List, Optional, Sequence, TypeVar, Union
 
-from evfsam.specs import ServedModelSpec
+from evfsam.affinity import affinity_headers
+from evfsam.specs import RAW_MASKS, ServedModelSpec
 
 from .client import (
     DEFAULT_CONCURRENCY,
@@ -33,6 +34,8 @@ from .contract import (
     parse_prompts_result,
     parse_result,
     requested_outputs,
+    requested_prompts_outputs,
+    check_mask_format,
 )
 from .errors import ContractMismatch, ServerError, unknown_image_key
 from .images import ImageInput, encode_image
@@ -88,7 +91,8 @@ class AsyncSegmentationClient:
         return await self._segment_encoded(encode_image(image), prompt)
 
     async def segment_prompts(
-        self, image: Optional[ImageInput], prompts: Sequence[str], image_key: Optional[str] = None
+        self, image: Optional[ImageInput], prompts: Sequence[str], image_key: Optional[str] = None,
+        mask_format: str = RAW_MASKS,
     ) -> List[Segmentation]:
         """One image, many prompts -> one `Segmentation` per prompt, in prompt order.
 
@@ -99,6 +103,7 @@ class AsyncSegmentationClient:
         """
         encoded, image_key = image_or_key(image, image_key)
         prompts = check_prompts(prompts)
+        check_mask_format(mask_format)
         if not prompts:
             return []
         if not await self.serves_prompts_model():
@@ -106,7 +111,7 @@ class AsyncSegmentationClient:
                 raise no_prompts_model(self._transport.url, self.prompts_spec, self._prompts_unusable)
             return [result async for result in self.segment_many((encoded, prompt) for prompt in prompts)]
         results: List[Segmentation] = []
-        start = lambda chunk: self._segment_chunk(encoded, image_key, chunk)  # noqa: E731
+        start = lambda chunk: self._segment_chunk(encoded, image_key, chunk, mask_format)  # noqa: E731
         async for part in self._in_order(prompt_chunks(prompts), start):
             results.extend(part)
         return results
@@ -173,23 +178,25 @@ class AsyncSegmentationClient:
     async def _segment_encoded(self, image: bytes, prompt: str) -> Segmentation:
         module = self._transport.module
         inputs = build_inputs(module, image, prompt, self.spec)
-        result = await self._transport.infer(inputs, requested_outputs(module, self.spec))
+        result = await self._transport.infer(inputs, requested_outputs(module, self.spec), headers=affinity_headers(image))
         return parse_result(result, prompt, self.spec)
 
     async def _segment_chunk(
-        self, image: Optional[bytes], image_key: Optional[str], prompts: List[str]
+        self, image: Optional[bytes], image_key: Optional[str], prompts: List[str], mask_format: str = RAW_MASKS
     ) -> List[Segmentation]:
         spec = self.prompts_spec
         assert spec is not None
         module = self._transport.module
-        inputs = build_prompts_inputs(module, prompts, image, image_key, spec)
+        inputs = build_prompts_inputs(module, prompts, image, image_key, spec, mask_format)
         try:
-            result = await self._transport.infer(inputs, requested_outputs(module, spec), spec.name)
+            result = await self._transport.infer(
+                inputs, requested_prompts_outputs(module, spec, mask_format), spec.name, affinity_headers(image, image_key)
+            )
         except ServerError as exc:
             if image_key is None:
                 raise
             raise unknown_image_key(exc, image_key) from None
-        return parse_prompts_result(result, prompts, spec)
+        return parse_prompts_result(result, prompts, spec, mask_format)
 
 
 async def _aiter(requests: Union[Iterable[T], AsyncIterator[T]]) -> AsyncIterator[T]:

@@ -9,6 +9,9 @@ when the server serves it (checked once, at the first such call): one request pe
 `MAX_PROMPTS_PER_REQUEST` prompts, the image encoded once on the server and its embedding cached
 under the returned `Segmentation.image_key`, which a later call may send instead of the image.
 Without that model the prompts go to `EVF_SAM` as concurrent single-prompt requests.
+
+Every request carries the image-affinity header `x-image-key` (`evfsam.affinity`), so a proxy in front
+of several replicas sends all requests for one image to the replica whose cache holds it.
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ import contextlib
 from collections import deque
 from typing import Any, Callable, Deque, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
-from evfsam.specs import MAX_PROMPTS_PER_REQUEST, ServedModelSpec
+from evfsam.affinity import affinity_headers
+from evfsam.specs import MAX_PROMPTS_PER_REQUEST, RAW_MASKS, ServedModelSpec
 
 from .contract import (
     DEFAULT_PROMPTS_SPEC,
@@ -30,6 +34,8 @@ from .contract import (
     parse_prompts_result,
     parse_result,
     requested_outputs,
+    requested_prompts_outputs,
+    check_mask_format,
 )
 from .errors import ClientError, ContractMismatch, InvalidInput, ModelUnavailable, ServerError, unknown_image_key
 from .images import ImageInput, encode_image
@@ -79,7 +85,8 @@ class SegmentationClient:
         return list(self.segment_many([(image, prompt)]))[0]
 
     def segment_prompts(
-        self, image: Optional[ImageInput], prompts: Sequence[str], image_key: Optional[str] = None
+        self, image: Optional[ImageInput], prompts: Sequence[str], image_key: Optional[str] = None,
+        mask_format: str = RAW_MASKS,
     ) -> List[Segmentation]:
         """One image, many prompts -> one `Segmentation` per prompt, in prompt order.
 
@@ -93,6 +100,7 @@ class SegmentationClient:
         """
         encoded, image_key = image_or_key(image, image_key)
         prompts = check_prompts(prompts)
+        check_mask_format(mask_format)
         if not prompts:
             return []
         if not self.serves_prompts_model():
@@ -100,7 +108,7 @@ class SegmentationClient:
                 raise no_prompts_model(self._transport.url, self.prompts_spec, self._prompts_unusable)
             return list(self.segment_many((encoded, prompt) for prompt in prompts))
         results: List[Segmentation] = []
-        start = lambda chunk: self._start_prompts(encoded, image_key, chunk)  # noqa: E731
+        start = lambda chunk: self._start_prompts(encoded, image_key, chunk, mask_format)  # noqa: E731
         for part in self._in_order(prompt_chunks(prompts), start):
             results.extend(part)
         return results
@@ -170,19 +178,23 @@ class SegmentationClient:
 
     def _start(self, image: ImageInput, prompt: str) -> Pending:
         module = self._transport.module
-        inputs = build_inputs(module, encode_image(image), prompt, self.spec)
-        handle = self._transport.submit(inputs, requested_outputs(module, self.spec))
+        encoded = encode_image(image)
+        inputs = build_inputs(module, encoded, prompt, self.spec)
+        handle = self._transport.submit(inputs, requested_outputs(module, self.spec), headers=affinity_headers(encoded))
         return handle, lambda done: parse_result(self._transport.wait(done), prompt, self.spec)
 
-    def _start_prompts(self, image: Optional[bytes], image_key: Optional[str], prompts: List[str]) -> Pending:
+    def _start_prompts(self, image: Optional[bytes], image_key: Optional[str], prompts: List[str],
+                       mask_format: str) -> Pending:
         spec = self.prompts_spec
         assert spec is not None
         module = self._transport.module
-        inputs = build_prompts_inputs(module, prompts, image, image_key, spec)
-        handle = self._transport.submit(inputs, requested_outputs(module, spec), spec.name)
-        return handle, lambda done: self._finish_prompts(done, prompts, image_key)
+        inputs = build_prompts_inputs(module, prompts, image, image_key, spec, mask_format)
+        handle = self._transport.submit(inputs, requested_prompts_outputs(module, spec, mask_format), spec.name,
+                                        affinity_headers(image, image_key))
+        return handle, lambda done: self._finish_prompts(done, prompts, image_key, mask_format)
 
-    def _finish_prompts(self, handle: Any, prompts: List[str], image_key: Optional[str]) -> List[Segmentation]:
+    def _finish_prompts(self, handle: Any, prompts: List[str], image_key: Optional[str],
+                        mask_format: str) -> List[Segmentation]:
         assert self.prompts_spec is not None
         try:
             result = self._transport.wait(handle)
@@ -190,7 +202,7 @@ class SegmentationClient:
             if image_key is None:
                 raise
             raise unknown_image_key(exc, image_key) from None
-        return parse_prompts_result(result, prompts, self.prompts_spec)
+        return parse_prompts_result(result, prompts, self.prompts_spec, mask_format)
 
     @staticmethod
     def _finish(handle: Any, finish: Callable[[Any], R]) -> R:

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from evfsam.specs import EVF_SAM, EVF_SAM_PROMPTS, ServedModelSpec, TensorSpec
+from evfsam import mask_codecs
+from evfsam.specs import EVF_SAM, EVF_SAM_PROMPTS, MASK_FORMATS, RAW_MASKS, ServedModelSpec, TensorSpec
 
 from .errors import ContractMismatch, InvalidInput
 
@@ -30,8 +31,13 @@ class Segmentation:
     mask: np.ndarray
     score: float
     # The server's key of the image (sha256 of its bytes, hex) when the answer came from the
-    # many-prompts model, which caches the image's embedding under it; None otherwise.
+    # many-prompts model, which caches the image's features under it; None otherwise.
     image_key: Optional[str] = None
+    # Whether the image's features came from the server's cache (many-prompts model only).
+    cache_hit: Optional[bool] = None
+    # The mask as the server encoded it, for mask_format "rle" (COCO RLE JSON) or "png".
+    encoded_mask: Optional[bytes] = None
+    mask_format: str = RAW_MASKS
 
     @property
     def area(self) -> int:
@@ -67,10 +73,9 @@ def check_metadata(metadata: Mapping[str, Any], spec: ServedModelSpec = DEFAULT_
 def build_inputs(protocol: ModuleType, image: bytes, prompt: str, spec: ServedModelSpec = DEFAULT_SPEC) -> List[Any]:
     """One request's inputs: the image bytes and the UTF-8 prompt, each a [1, 1] BYTES tensor."""
     check_prompt(prompt)
-    image_spec, prompt_spec = spec.inputs
     return [
-        _bytes_input(protocol, image_spec, image),
-        _bytes_input(protocol, prompt_spec, prompt.encode("utf-8")),
+        _bytes_input(protocol, spec.input("image"), image),
+        _bytes_input(protocol, spec.input("prompt"), prompt.encode("utf-8")),
     ]
 
 
@@ -93,37 +98,55 @@ def check_image_key(image_key: Any) -> str:
     return image_key
 
 
+def check_mask_format(mask_format: str) -> str:
+    if mask_format not in MASK_FORMATS:
+        raise InvalidInput(f"mask_format must be one of {', '.join(MASK_FORMATS)}, got {mask_format!r:.40}")
+    return mask_format
+
+
 def build_prompts_inputs(
     protocol: ModuleType,
     prompts: Sequence[str],
     image: Optional[bytes] = None,
     image_key: Optional[str] = None,
     spec: ServedModelSpec = DEFAULT_PROMPTS_SPEC,
+    mask_format: str = RAW_MASKS,
 ) -> List[Any]:
-    """One many-prompts request: the image bytes or an image key (exactly one), and the N UTF-8
-    prompts as one [N] BYTES tensor."""
+    """One many-prompts request: the image bytes or an image key (exactly one), the N UTF-8 prompts
+    as one [N] BYTES tensor and, unless raw, the mask format."""
     if (image is None) == (image_key is None):
         raise InvalidInput("give exactly one of an image and an image key")
-    image_spec, key_spec, prompts_spec = spec.inputs
     source = (
-        _bytes_input(protocol, image_spec, image)
+        _bytes_input(protocol, spec.input("image"), image)
         if image is not None
-        else _bytes_input(protocol, key_spec, check_image_key(image_key).encode("utf-8"))
+        else _bytes_input(protocol, spec.input("image_key"), check_image_key(image_key).encode("utf-8"))
     )
+    prompts_spec = spec.input("prompts")
     encoded = [check_prompt(prompt).encode("utf-8") for prompt in prompts]
     shape = [len(encoded) if isinstance(dim, str) else dim for dim in prompts_spec.shape]
     prompts_input = protocol.InferInput(prompts_spec.name, shape, wire_datatype(prompts_spec))
     prompts_input.set_data_from_numpy(np.array(encoded, dtype=np.object_).reshape(shape))
-    return [source, prompts_input]
+    inputs = [source, prompts_input]
+    if check_mask_format(mask_format) != RAW_MASKS:
+        inputs.append(_bytes_input(protocol, spec.input("mask_format"), mask_format.encode("ascii")))
+    return inputs
 
 
 def requested_outputs(protocol: ModuleType, spec: ServedModelSpec = DEFAULT_SPEC) -> List[Any]:
     return [protocol.InferRequestedOutput(tensor.name) for tensor in spec.outputs]
 
 
+def requested_prompts_outputs(protocol: ModuleType, spec: ServedModelSpec = DEFAULT_PROMPTS_SPEC,
+                              mask_format: str = RAW_MASKS) -> List[Any]:
+    """The many-prompts outputs to ask for: raw masks or encoded ones, never both."""
+    masks = "masks" if mask_format == RAW_MASKS else "masks_encoded"
+    names = [masks, "scores", "image_key", "cache_hit"]
+    return [protocol.InferRequestedOutput(spec.output(name).name) for name in names]
+
+
 def parse_result(result: Any, prompt: str, spec: ServedModelSpec = DEFAULT_SPEC) -> Segmentation:
     """An `InferResult` -> `Segmentation`, checking the outputs against the contract."""
-    mask_spec, score_spec = spec.outputs
+    mask_spec, score_spec = spec.output("mask"), spec.output("score")
     mask = _output(result, mask_spec)
     score = _output(result, score_spec)
     if mask.shape[0] != spec.max_batch_size or score.size != 1:
@@ -131,33 +154,53 @@ def parse_result(result: Any, prompt: str, spec: ServedModelSpec = DEFAULT_SPEC)
             f"expected one {mask_spec.name!r} and one {score_spec.name!r} per request, "
             f"got shapes {list(mask.shape)} and {list(score.shape)}"
         )
-    if mask.size and mask.max() > 1:
-        raise ContractMismatch(f"output {mask_spec.name!r} must hold 0/1 values, found {int(mask.max())}")
+    _check_binary(mask, mask_spec.name)
     return Segmentation(prompt=prompt, mask=mask[0], score=float(score.reshape(-1)[0]))
 
 
 def parse_prompts_result(
-    result: Any, prompts: Sequence[str], spec: ServedModelSpec = DEFAULT_PROMPTS_SPEC
+    result: Any, prompts: Sequence[str], spec: ServedModelSpec = DEFAULT_PROMPTS_SPEC, mask_format: str = RAW_MASKS
 ) -> List[Segmentation]:
-    """A many-prompts `InferResult` -> one `Segmentation` per prompt, in order, each with the key."""
-    masks_spec, scores_spec, key_spec = spec.outputs
-    masks = _output(result, masks_spec)
-    scores = _output(result, scores_spec)
-    keys = _output(result, key_spec)
-    if masks.shape[0] != len(prompts) or scores.shape != (len(prompts),) or keys.size != 1:
+    """A many-prompts `InferResult` -> one `Segmentation` per prompt, in order, each with the key;
+    encoded masks are decoded (and kept as `encoded_mask`)."""
+    scores = _output(result, spec.output("scores"))
+    keys = _output(result, spec.output("image_key"))
+    hits = _output(result, spec.output("cache_hit"))
+    if mask_format == RAW_MASKS:
+        masks = _output(result, spec.output("masks"))
+        encoded: List[Optional[bytes]] = [None] * masks.shape[0]
+        _check_binary(masks, "masks")
+    else:
+        encoded = [bytes(v) for v in _output(result, spec.output("masks_encoded")).reshape(-1)]
+        masks = [_decoded(data, mask_format) for data in encoded]
+    if len(masks) != len(prompts) or scores.shape != (len(prompts),) or keys.size != 1 or hits.size != 1:
         raise ContractMismatch(
-            f"expected {len(prompts)} {masks_spec.name!r}, {len(prompts)} {scores_spec.name!r} and one "
-            f"{key_spec.name!r} for {len(prompts)} prompts, got shapes {list(masks.shape)}, "
-            f"{list(scores.shape)} and {list(keys.shape)}"
+            f"expected {len(prompts)} masks and {len(prompts)} scores, one image_key and one cache_hit for "
+            f"{len(prompts)} prompts, got {len(masks)} masks and shapes {list(scores.shape)}, {list(keys.shape)}, "
+            f"{list(hits.shape)}"
         )
-    if masks.size and masks.max() > 1:
-        raise ContractMismatch(f"output {masks_spec.name!r} must hold 0/1 values, found {int(masks.max())}")
     key = keys.reshape(-1)[0]
     key = key.decode("utf-8", errors="replace") if isinstance(key, bytes) else str(key)
+    hit = bool(hits.reshape(-1)[0])
     return [
-        Segmentation(prompt=prompt, mask=masks[i], score=float(scores[i]), image_key=key)
+        Segmentation(prompt=prompt, mask=masks[i], score=float(scores[i]), image_key=key, cache_hit=hit,
+                     encoded_mask=encoded[i], mask_format=mask_format)
         for i, prompt in enumerate(prompts)
     ]
+
+
+def _decoded(data: bytes, mask_format: str) -> np.ndarray:
+    try:
+        mask = mask_codecs.decode_mask(data, mask_format)
+    except ValueError as exc:
+        raise ContractMismatch(f"the server sent a {mask_format} mask that does not decode: {exc}") from None
+    _check_binary(mask, "masks_encoded")
+    return mask
+
+
+def _check_binary(masks: np.ndarray, name: str) -> None:
+    if masks.size and masks.max() > 1:
+        raise ContractMismatch(f"output {name!r} must hold 0/1 values, found {int(masks.max())}")
 
 
 def _bytes_input(protocol: ModuleType, tensor: TensorSpec, value: bytes) -> Any:

@@ -23,6 +23,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from evfsam.specs import MASK_FORMATS, RAW_MASKS, RLE_MASKS
+
 from .client import DEFAULT_CONCURRENCY, SegmentationClient
 from .contract import DEFAULT_PROMPTS_SPEC, DEFAULT_SPEC, Segmentation, spec_for_model
 from .errors import ClientError, ContractMismatch, OutputError
@@ -43,6 +45,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     source.add_argument("--image-key", help="the image_key of an image sent before, instead of --image")
     parser.add_argument("--prompt", required=True, action="append", help="text prompt; repeat for several")
     parser.add_argument("--output-dir", default="segment_output", help="where the PNGs and the JSON go")
+    parser.add_argument("--mask-format", choices=MASK_FORMATS, default=RAW_MASKS,
+                        help="how the many-prompts model sends masks back: raw arrays, or compact COCO RLE / PNG "
+                             "(for big images and many prompts)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per request")
     parser.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="requests in flight")
     parser.add_argument("--model", default=DEFAULT_SPEC.name, help="served model name (its contract is EVF_SAM's)")
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     spec = spec_for_model(args.model)
     prompts_spec = spec_for_model(args.prompts_model, DEFAULT_PROMPTS_SPEC) if args.prompts_model else None
     with SegmentationClient(args.url, args.protocol, args.timeout, args.concurrency, spec, prompts_spec) as client:
-        results = client.segment_prompts(image, args.prompt, image_key=args.image_key)
+        results = client.segment_prompts(image, args.prompt, image_key=args.image_key, mask_format=args.mask_format)
     if image is None:
         return write_outputs(args.output_dir, _output_stem(args), None, None, results)
     rgb = decode_rgb(image)
@@ -131,10 +136,18 @@ def _write_one(
         "prompt": result.prompt,
         "score": result.score,
         "area": result.area,
-        "rle": rle_encode(result.mask),
+        "rle": _rle(result),
+        "cache_hit": result.cache_hit,
         "mask_png": mask_path,
         "overlay_png": overlay_path,
     }
+
+
+def _rle(result: Segmentation) -> Dict[str, object]:
+    """The server's own RLE when it sent one, else the mask encoded here (the same COCO format)."""
+    if result.mask_format == RLE_MASKS and result.encoded_mask is not None:
+        return json.loads(result.encoded_mask)
+    return rle_encode(result.mask)
 
 
 def _check_size(result: Segmentation, size: Tuple[int, int]) -> None:

@@ -8,11 +8,20 @@ them, so gevent prints no traceback of its own.  Async transports expose a corou
 
 Every call goes through `translate_errors`, so only `ClientError`s leave this module.  A transport
 talks to one model by default; `metadata`, `submit` and `infer` take another model's name (the
-many-prompts companion of the ensemble) on the same connection.
+many-prompts companion) on the same connection, and the headers of the request (gRPC metadata or
+HTTP headers: the image-affinity header of `evfsam.affinity`).
+
+Inference timeouts are the client's alone: no gRPC deadline is sent with an inference, and a call
+that outlasts `timeout` raises `RequestTimeout` here while the server finishes it.  A deadline that
+expires on the server is a cancellation, and cancelling a request in flight is what can crash
+tritonserver 2.51 (triton-inference-server/server issue 7368).  Metadata calls, which cannot be
+cancelled mid-inference, keep the deadline.
 """
 from __future__ import annotations
 
+import asyncio
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Dict, List, Optional, Tuple
 
 import gevent
@@ -24,8 +33,10 @@ import tritonclient.http.aio as httpclient_aio
 from .errors import InvalidInput, translate_errors
 
 PROTOCOLS = ("grpc", "http")
-DEFAULT_TIMEOUT_S = 120.0
+# A full-size model on a small CPU takes 80+ s per image, and several requests may queue before it.
+DEFAULT_TIMEOUT_S = 900.0
 _SCHEMES = ("grpc://", "http://")
+Headers = Optional[Dict[str, str]]
 
 
 def normalise_url(url: str) -> str:
@@ -83,21 +94,24 @@ class GrpcTransport(_Transport):
         with self.errors(metadata_of=model):
             return self._client.get_model_metadata(model, as_json=True, client_timeout=self.timeout)
 
-    def submit(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> "Future[Any]":
+    def submit(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> "Future[Any]":
         future: "Future[Any]" = Future()
 
         def done(result: Any, error: Optional[Exception]) -> None:
             future.set_exception(error) if error is not None else future.set_result(result)
 
         with self.errors():
-            self._client.async_infer(
-                self.model_name(model), inputs, done, outputs=outputs, client_timeout=self.timeout
-            )
+            self._client.async_infer(self.model_name(model), inputs, done, outputs=outputs, headers=headers)
         return future
 
     def wait(self, handle: "Future[Any]") -> Any:
         with self.errors():
-            return handle.result()
+            try:
+                return handle.result(timeout=self.timeout)
+            except FutureTimeout:
+                raise TimeoutError from None  # the call goes on in the background; never cancelled
 
     def close(self) -> None:
         self._client.close()
@@ -122,8 +136,10 @@ class HttpTransport(_Transport):
         with self.errors(metadata_of=model):
             return self._client.get_model_metadata(model)
 
-    def submit(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> "gevent.Greenlet":
-        return gevent.spawn(self._infer_capturing_failure, self.model_name(model), inputs, outputs)
+    def submit(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> "gevent.Greenlet":
+        return gevent.spawn(self._infer_capturing_failure, self.model_name(model), inputs, outputs, headers)
 
     def wait(self, handle: "gevent.Greenlet") -> Any:
         result, failure = handle.get()
@@ -133,10 +149,10 @@ class HttpTransport(_Transport):
             return result
 
     def _infer_capturing_failure(
-        self, model: str, inputs: List[Any], outputs: List[Any]
+        self, model: str, inputs: List[Any], outputs: List[Any], headers: Headers
     ) -> Tuple[Any, Optional[BaseException]]:
         try:
-            return self._client.infer(model, inputs, outputs=outputs), None
+            return self._client.infer(model, inputs, outputs=outputs, headers=headers), None
         except Exception as exc:  # re-raised by `wait`, in the caller's frame
             return None, exc
 
@@ -158,11 +174,14 @@ class AsyncGrpcTransport(_Transport):
         with self.errors(metadata_of=model):
             return await self._client.get_model_metadata(model, as_json=True, client_timeout=self.timeout)
 
-    async def infer(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> Any:
+    async def infer(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> Any:
+        call = asyncio.ensure_future(
+            self._client.infer(self.model_name(model), inputs, outputs=outputs, headers=headers))
         with self.errors():
-            return await self._client.infer(
-                self.model_name(model), inputs, outputs=outputs, client_timeout=self.timeout
-            )
+            # shield: a timeout (or the caller's cancellation) stops the waiting, not the call
+            return await asyncio.wait_for(asyncio.shield(call), self.timeout)
 
     async def close(self) -> None:
         await self._client.close()
@@ -184,9 +203,11 @@ class AsyncHttpTransport(_Transport):
         with self.errors(metadata_of=model):
             return await self._client.get_model_metadata(model)
 
-    async def infer(self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None) -> Any:
+    async def infer(
+        self, inputs: List[Any], outputs: List[Any], model: Optional[str] = None, headers: Headers = None
+    ) -> Any:
         with self.errors():
-            return await self._client.infer(self.model_name(model), inputs, outputs=outputs)
+            return await self._client.infer(self.model_name(model), inputs, outputs=outputs, headers=headers)
 
     async def close(self) -> None:
         await self._client.close()

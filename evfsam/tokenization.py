@@ -1,8 +1,9 @@
 """Prompt tokenization with the `tokenizers` library alone (what the server runs).
 
 Upstream tokenizes with the slow sentencepiece `XLMRobertaTokenizer` (`<s> ... </s>`, fairseq ids:
-<s>=0, <pad>=1, </s>=2, <unk>=3).  At export time the checkpoint's tokenizer is converted once to
-`tokenizer.json`; tests check the conversion id-for-id against the slow tokenizer.
+<s>=0, <pad>=1, </s>=2, <unk>=3), including the multitask checkpoints' added token "[semantic]".
+At export time the checkpoint's tokenizer is converted once to `tokenizer.json`; tests check the
+conversion id-for-id against the slow tokenizer.
 """
 from __future__ import annotations
 
@@ -64,19 +65,52 @@ def pad_batch(sequences: Sequence[Sequence[int]], bucket: int = TEXT_BUCKET) -> 
 
 
 def write_tokenizer_json(checkpoint_dir: Path, out_path: Path) -> Path:
-    """Copy the checkpoint's tokenizer.json, or convert its sentencepiece XLM-R tokenizer (export time)."""
-    existing = checkpoint_dir / "tokenizer.json"
+    """Convert the checkpoint's slow XLM-R tokenizer to tokenizer.json (export time).
+
+    Upstream always uses the slow tokenizer (`use_fast=False`), so when `sentencepiece.bpe.model`
+    is there it is converted even if the checkpoint also ships a tokenizer.json; a tokenizer.json
+    alone is copied as is.
+    """
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    if existing.is_file():
+    if not (checkpoint_dir / "sentencepiece.bpe.model").is_file():
+        existing = checkpoint_dir / "tokenizer.json"
+        if not existing.is_file():
+            raise FileNotFoundError(
+                f"{checkpoint_dir}: no tokenizer (expected sentencepiece.bpe.model or tokenizer.json)"
+            )
         out_path.write_bytes(existing.read_bytes())
         return out_path
-    if not (checkpoint_dir / "sentencepiece.bpe.model").is_file():
-        raise FileNotFoundError(
-            f"{checkpoint_dir}: no tokenizer (expected sentencepiece.bpe.model or tokenizer.json)"
-        )
     from transformers import XLMRobertaTokenizer
-    from transformers.convert_slow_tokenizer import convert_slow_tokenizer
 
     slow = XLMRobertaTokenizer.from_pretrained(str(checkpoint_dir))
-    convert_slow_tokenizer(slow).save(str(out_path))
+    slow_tokenizer_to_json(slow, out_path)
     return out_path
+
+
+def slow_tokenizer_to_json(slow, out_path: Path) -> None:
+    """transformers' conversion of the sentencepiece model, with the added tokens put back the way
+    the slow tokenizer matches them.
+
+    The plain conversion keeps only <s> and </s> as added tokens, so "[semantic]" (and <pad>, <unk>,
+    <mask> typed in a prompt) would be split into word pieces.  The slow tokenizer cuts added tokens
+    out of the raw text (case-sensitive, before any normalisation) and sentencepiece then drops the
+    whitespace at the edges of each remaining piece.  In `tokenizers` terms that is: every added token
+    `normalized=False` (matched on the raw text) with `lstrip=rstrip=True` (the edge whitespace goes).
+    """
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers.convert_slow_tokenizer import convert_slow_tokenizer
+
+    spec = json.loads(convert_slow_tokenizer(slow).to_str())
+    spec["added_tokens"] = [
+        {"id": token_id, "content": token.content, "single_word": token.single_word, "lstrip": True,
+         "rstrip": True, "normalized": False, "special": token.special}
+        for token_id, token in sorted(slow.added_tokens_decoder.items())
+    ]
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    wrong = {t.content: (i, tokenizer.token_to_id(t.content)) for i, t in slow.added_tokens_decoder.items()
+             if tokenizer.token_to_id(t.content) != i}
+    if wrong:
+        raise ValueError(f"added tokens got other ids than the slow tokenizer's (slow, converted): {wrong}")
+    tokenizer.save(str(out_path))

@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import torch
 
-from evfsam.specs import BATCH, BEIT3_FUSION_ENCODER, TEXT_LEN, GraphSpec
+from evfsam.specs import BATCH, BEIT3_FUSION_ENCODER, IMAGES, TEXT_LEN, GraphSpec
 
-from .wrappers import GRAPH_WRAPPERS
+from .wrappers import graph_wrapper
 
 DEFAULT_OPSET = 17
 PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # stay clear of protobuf's hard 2 GiB ceiling
@@ -57,9 +57,10 @@ class Comparison:
         return self.max_abs <= self.tolerance
 
 
-def export_graph(model: torch.nn.Module, spec: GraphSpec, out_dir: Path, opset: int = DEFAULT_OPSET, vocab_size: int = 1000) -> Path:
+def export_graph(model: torch.nn.Module, spec: GraphSpec, out_dir: Path, opset: int = DEFAULT_OPSET,
+                 vocab_size: int = 1000, recipe: str = "ori") -> Path:
     """Trace `spec`'s wrapper around `model` and write `out_dir/<spec.onnx_file>` (external data if large)."""
-    wrapper = GRAPH_WRAPPERS[spec.name](model).eval()
+    wrapper = graph_wrapper(spec, model, recipe)
     sample = spec.sample_inputs(np.random.default_rng(0), trace_axes(spec), vocab_size)
     args = tuple(torch.from_numpy(sample[name]) for name in spec.input_names)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -132,9 +133,10 @@ def validate_graph(
     seed: int = 1,
     vocab_size: int = 1000,
     axes: Optional[Mapping[str, int]] = None,
+    recipe: str = "ori",
 ) -> List[Comparison]:
     """ONNX Runtime vs PyTorch on fresh random inputs at non-trace shapes; raises on the first failure."""
-    wrapper = GRAPH_WRAPPERS[spec.name](model).eval()
+    wrapper = graph_wrapper(spec, model, recipe)
     inputs = spec.sample_inputs(np.random.default_rng(seed), axes or validation_axes(spec), vocab_size)
     with torch.inference_mode():
         reference = wrapper(*(torch.from_numpy(inputs[n]) for n in spec.input_names))
@@ -147,6 +149,8 @@ def validate_graph(
     ]
     if spec.name == BEIT3_FUSION_ENCODER.name:
         results.append(_padding_equivalence(session, inputs, actual[0], atol, rtol))
+    if IMAGES in spec.axes and all(inputs[t.name].shape[0] == 1 for t in spec.inputs if t.shape[0] == IMAGES):
+        results += _broadcast_equivalence(spec, session, inputs, actual, atol, rtol)
     for result in results:
         if not result.ok:
             raise ExportValidationError(result.graph, result.output, result.max_abs, result.max_rel, result.tolerance)
@@ -171,12 +175,25 @@ def _padding_equivalence(session, inputs: Dict[str, np.ndarray], batched: np.nda
     return worst
 
 
+def _broadcast_equivalence(spec: GraphSpec, session, inputs: Dict[str, np.ndarray], broadcast: List[np.ndarray],
+                           atol: float, rtol: float) -> List[Comparison]:
+    """One image's features broadcast over N prompts must equal the same image repeated N times."""
+    rows = next(inputs[t.name].shape[0] for t in spec.inputs if t.shape[0] == BATCH)
+    paired_inputs = {t.name: np.repeat(inputs[t.name], rows, axis=0) if t.shape[0] == IMAGES else inputs[t.name]
+                     for t in spec.inputs}
+    paired = session.run(list(spec.output_names), paired_inputs)
+    results = [compare(spec.name, name, p, b, atol, rtol) for name, p, b in zip(spec.output_names, paired, broadcast)]
+    for result in results:
+        result.check = "1 image broadcast vs paired"
+    return results
+
+
 def format_table(results: List[Comparison]) -> str:
-    header = f"{'graph':<22} {'output':<16} {'check':<31} {'shape':<22} {'max abs':>10} {'max rel':>10}  ok"
+    header = f"{'graph':<24} {'output':<16} {'check':<31} {'shape':<22} {'max abs':>10} {'max rel':>10}  ok"
     lines = [header, "-" * len(header)]
     for r in results:
         lines.append(
-            f"{r.graph:<22} {r.output:<16} {r.check:<31} {str(list(r.shape)):<22} "
+            f"{r.graph:<24} {r.output:<16} {r.check:<31} {str(list(r.shape)):<22} "
             f"{r.max_abs:>10.2e} {r.max_rel:>10.2e}  {'yes' if r.ok else 'NO'}"
         )
     return "\n".join(lines)

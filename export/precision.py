@@ -1,20 +1,31 @@
-"""The FP16 precision plan, in one place: which nodes of an exported graph stay FP32.
+"""The FP16 precision policies, in one place: which nodes of an exported graph stay FP32, and how hard
+TensorRT is told to keep them there.
 
-The TensorRT builder (`export/tensorrt_build.py`) builds FP16 engines with exactly these nodes pinned to
-FP32, and the ONNX Runtime check below runs the same ONNX graph with FP16 storage everywhere else, so
-the CPU check exercises the plan the engines are built with.
+The TensorRT builder (`export/tensorrt_build.py`) builds FP16 engines under one `PrecisionPolicy` at a
+time, fastest first (`POLICIES`), and keeps the first whose engine passes the accuracy gate
+(`export/accuracy_gate.py`); the ONNX Runtime check below runs the same ONNX graph with FP16 storage
+everywhere except the policy's FP32 nodes, so the CPU check exercises the plan the engines are built with.
 
-Kept in FP32 (`keeps_fp32`):
+Groups of nodes a policy can keep in FP32 (`keeps_fp32`):
 
-* `LayerNormalization` and `Softmax`: reductions over a whole row, the layers TensorRT itself warns
-  about ("running layernorm after self-attention in FP16 may cause overflow") and the known failure of
-  FP16 ViT / SAM encoders.
-* hand-written normalisations: SAM's `LayerNorm2d` (the image encoder's neck, the mask decoder's output
-  upscaling) is exported as ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add.  `(x - u)^2`
-  overflows FP16's 65504 as soon as |x - u| > 256, so every node in the module scope of a
-  ReduceMean / Pow / Sqrt node stays FP32.
-* SAM's neck (`/neck/`): upstream EVF-SAM runs it in float32 when the rest of the model is half,
-  "to prevent overflow"; its 1x1 convolution reads the raw residual stream of the ViT.
+* `NORMALISATION`: `LayerNormalization` (and the other normalisation ops) plus hand-written
+  normalisations: SAM's `LayerNorm2d` (the image encoder's neck, the mask decoder's output upscaling)
+  is exported as ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add.  `(x - u)^2` overflows
+  FP16's 65504 as soon as |x - u| > 256, so every node in the module scope of a ReduceMean / Pow /
+  Sqrt node stays FP32.  TensorRT itself warns about this ("Running layernorm after self-attention in
+  FP16 may cause overflow ... forcing layernorm layers to run in FP32 precision can help", quoted for
+  exactly SAM's neck in NVIDIA/TensorRT#3692; maintainers: NVIDIA/TensorRT#2564, #3101).
+* `SOFTMAX`: `Softmax`.  Pinning it is a cost, not a free safety margin: TensorRT's fused
+  multi-head-attention kernel needs both batched matmuls in FP16 / BF16 / INT8 (the developer
+  guide's MHA-fusion restrictions, quoted in NVIDIA/TensorRT#2981: SM >= 75, head size 16..256 and a
+  multiple of 8, "TensorRT may decide not to fuse an MHA graph ... based on performance evaluation or
+  other constraints").  The guide does not say whether an FP32 constraint on the Softmax between them
+  prevents the fusion, so no policy assumes it: the builder records what TensorRT did (the engine
+  inspector's layers) for each policy it tries.  The other way round, a fused FP16 MHA has produced
+  silently wrong ViT outputs (SAM 3 on sm_120, TensorRT 10.16.1, NVIDIA/TensorRT#4837: "breaking the
+  MHA fusion restores accuracy"), which is why the gate, not this module, decides.
+* `FP32_MODULES`: SAM's neck (`/neck/`): upstream EVF-SAM runs it in float32 when the rest of the
+  model is half, "to prevent overflow"; its 1x1 convolution reads the raw residual stream of the ViT.
 
 Everything else (matmuls, convolutions, GELU, residual adds, attention scores) runs in FP16.
 
@@ -30,7 +41,7 @@ SAM's neck that the emulation shows.  Both runs record max |x| of every FP16 act
 names the first one that overflowed (inf / NaN in FP16, finite in FP32: masking with -inf is not an
 overflow) and the largest finite FP16 value (the headroom below 65504).
 
-    python -m export.precision --onnx-dir build/onnx [--graphs ...] [--unprotected]
+    python -m export.precision --onnx-dir build/onnx [--graphs ...] [--policy NAME] [--unprotected]
 """
 from __future__ import annotations
 
@@ -38,20 +49,26 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Collection, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-FP32_OP_TYPES = frozenset({"LayerNormalization", "Softmax"})
+NORMALISATION, SOFTMAX, FP32_MODULES = "normalisation", "softmax", "fp32-modules"
+ALL_GROUPS: FrozenSet[str] = frozenset({NORMALISATION, SOFTMAX, FP32_MODULES})
+# Normalisations that reduce over the input at run time (BatchNormalization is a fixed affine map).
+NORMALISATION_OP_TYPES = frozenset({"LayerNormalization", "GroupNormalization", "InstanceNormalization",
+                                    "MeanVarianceNormalization", "LpNormalization"})
 NORM_STATISTIC_OP_TYPES = frozenset({"ReduceMean", "Pow", "Sqrt", "ReduceSumSquare", "ReduceL2"})
-FP32_MODULES = ("/neck/",)
+SOFTMAX_OP_TYPES = frozenset({"Softmax", "LogSoftmax"})
+FP32_MODULE_SCOPES = ("/neck/",)
 FP16_MAX = float(np.finfo(np.float16).max)
 # Ops that accept any input dtype: they read shapes or convert, they never compute on the values.
 DTYPE_AGNOSTIC_OP_TYPES = frozenset({"Shape", "Size", "Cast"})
 ABSMAX_SUFFIX = "::absmax"
 UNROUNDED, ROUNDED = "::fp32", "::fp16"
+PREFER, OBEY, NO_CONSTRAINTS = "prefer", "obey", "none"
 
 
 def module_scope(node_name: str) -> str:
@@ -60,14 +77,65 @@ def module_scope(node_name: str) -> str:
     return node_name[: cut + 1] if cut > 0 else ""
 
 
-def keeps_fp32(op_type: str, node_name: str, norm_scopes: Iterable[str] = ()) -> bool:
-    """The precision rule: True where a node (or the TensorRT layer made from it) must stay FP32."""
-    return (
-        op_type in FP32_OP_TYPES
-        or op_type in NORM_STATISTIC_OP_TYPES
-        or any(module in node_name for module in FP32_MODULES)
-        or any(node_name.startswith(scope) for scope in norm_scopes)
-    )
+def keeps_fp32(op_type: str, node_name: str, norm_scopes: Iterable[str] = (),
+               groups: Collection[str] = ALL_GROUPS) -> bool:
+    """The precision rule: True where a node (or the TensorRT layer made from it) must stay FP32
+    when the groups `groups` are kept."""
+    if NORMALISATION in groups and (op_type in NORMALISATION_OP_TYPES or op_type in NORM_STATISTIC_OP_TYPES
+                                    or any(node_name.startswith(scope) for scope in norm_scopes)):
+        return True
+    if SOFTMAX in groups and op_type in SOFTMAX_OP_TYPES:
+        return True
+    return FP32_MODULES in groups and any(module in node_name for module in FP32_MODULE_SCOPES)
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """How an engine is built: FP16 or not, how TensorRT treats the per-layer precisions
+    (`prefer`: where TensorRT has an implementation, with a warning otherwise; `obey`: the build fails
+    otherwise; `none`: no per-layer precision is set), and which groups are kept FP32."""
+
+    name: str
+    fp16: bool
+    constraints: str
+    pinned: FrozenSet[str]
+    description: str
+
+    def __post_init__(self):
+        if self.constraints not in (PREFER, OBEY, NO_CONSTRAINTS):
+            raise ValueError(f"policy {self.name}: constraints {self.constraints!r} is not prefer, obey or none")
+        if self.pinned - ALL_GROUPS:
+            raise ValueError(f"policy {self.name}: unknown groups {sorted(self.pinned - ALL_GROUPS)}")
+        if not self.fp16 and (self.pinned or self.constraints != NO_CONSTRAINTS):
+            raise ValueError(f"policy {self.name}: an FP32 engine pins nothing")
+        if self.fp16 and (self.constraints == NO_CONSTRAINTS) != (not self.pinned):
+            raise ValueError(f"policy {self.name}: FP32 groups need prefer or obey, and prefer / obey need groups")
+
+    @property
+    def pins_layers(self) -> bool:
+        return self.fp16 and bool(self.pinned)
+
+
+# Fastest first: the builder falls back down this list while the accuracy gate rejects an engine.
+POLICIES: Tuple[PrecisionPolicy, ...] = (
+    PrecisionPolicy("fp16", True, NO_CONSTRAINTS, frozenset(),
+                    "FP16 wherever TensorRT finds it faster; no layer pinned (attention and normalisations free "
+                    "to fuse)"),
+    PrecisionPolicy("fp16-prefer-norms", True, PREFER, frozenset({NORMALISATION, FP32_MODULES}),
+                    "FP16; normalisations and SAM's neck preferred in FP32; Softmax free (attention may fuse)"),
+    PrecisionPolicy("fp16-obey-norms-softmax", True, OBEY, frozenset(ALL_GROUPS),
+                    "FP16; normalisations, SAM's neck and every Softmax obeyed in FP32"),
+    PrecisionPolicy("fp32", False, NO_CONSTRAINTS, frozenset(), "FP32 everywhere (TF32 not enabled)"),
+)
+POLICIES_BY_NAME: Dict[str, PrecisionPolicy] = {p.name: p for p in POLICIES}
+
+
+def fallback_ladder(start: str, fallback: bool = True) -> Tuple[PrecisionPolicy, ...]:
+    """The policies tried from `start` on: `start` and every stricter one (just `start` without fallback)."""
+    if start not in POLICIES_BY_NAME:
+        raise KeyError(f"unknown precision policy {start!r}; choose one of {list(POLICIES_BY_NAME)}")
+    index = [p.name for p in POLICIES].index(start)
+    return POLICIES[index:] if fallback else (POLICIES[index],)
 
 
 @dataclass(frozen=True)
@@ -77,15 +145,19 @@ class PrecisionPlan:
     fp32_nodes: FrozenSet[str]
 
     @classmethod
-    def for_nodes(cls, nodes: Iterable[Tuple[str, str]]) -> "PrecisionPlan":
+    def for_nodes(cls, nodes: Iterable[Tuple[str, str]], groups: Collection[str] = ALL_GROUPS) -> "PrecisionPlan":
         """From (op_type, node name) pairs."""
         nodes = list(nodes)
         scopes = {module_scope(name) for op, name in nodes if op in NORM_STATISTIC_OP_TYPES} - {""}
-        return cls(frozenset(name for op, name in nodes if keeps_fp32(op, name, scopes)))
+        return cls(frozenset(name for op, name in nodes if keeps_fp32(op, name, scopes, groups)))
 
     @classmethod
-    def for_model(cls, model: onnx.ModelProto) -> "PrecisionPlan":
-        return cls.for_nodes((node.op_type, node.name) for node in model.graph.node)
+    def for_model(cls, model: onnx.ModelProto, groups: Collection[str] = ALL_GROUPS) -> "PrecisionPlan":
+        return cls.for_nodes(((node.op_type, node.name) for node in model.graph.node), groups)
+
+    @classmethod
+    def for_policy(cls, model: onnx.ModelProto, policy: PrecisionPolicy) -> "PrecisionPlan":
+        return cls.for_model(model, policy.pinned if policy.fp16 else ())
 
     @classmethod
     def unprotected(cls) -> "PrecisionPlan":
@@ -238,7 +310,7 @@ class OutputDiff:
 @dataclass
 class Fp16Report:
     graph: str
-    plan: str  # "planned", "unprotected" or "custom"
+    plan: str  # "planned" (every group FP32), a policy name, "unprotected" or "custom"
     fp32_nodes: int
     fp16_tensors: int
     outputs: List[OutputDiff]
@@ -258,14 +330,19 @@ class Fp16Report:
 
 def compare_fp16(
     onnx_path: Path, inputs: Mapping[str, np.ndarray], plan: Optional[PrecisionPlan] = None,
-    graph: str = "", threads: Optional[int] = None,
+    graph: str = "", threads: Optional[int] = None, policy: Optional[PrecisionPolicy] = None,
 ) -> Fp16Report:
-    """Run `onnx_path` in float32 and with FP16 storage under `plan` (default: the precision plan) on
-    ONNX Runtime CPU with the same inputs; both runs report statistics of the FP16 activations.
-    The weights stay on disk: each run reads them from the graph's external data, one at a time."""
+    """Run `onnx_path` in float32 and with FP16 storage under `plan` (default: the FP32 nodes of
+    `policy`, else every group kept FP32) on ONNX Runtime CPU with the same inputs; both runs report
+    statistics of the FP16 activations.  The weights stay on disk: each run reads them from the
+    graph's external data, one at a time."""
     structure = onnx.load(str(onnx_path), load_external_data=False)
-    label = "planned" if plan is None else ("unprotected" if not plan.fp32_nodes else "custom")
-    plan = PrecisionPlan.for_model(structure) if plan is None else plan
+    if plan is not None:
+        label = "unprotected" if not plan.fp32_nodes else "custom"
+    elif policy is not None:
+        label, plan = policy.name, PrecisionPlan.for_policy(structure, policy)
+    else:
+        label, plan = "planned", PrecisionPlan.for_model(structure)
     output_names = [o.name for o in structure.graph.output]
     fp16, activations = emulate_fp16(structure, plan)
     originals = list(dict.fromkeys(_unrounded_name(name) for name in activations))
@@ -328,19 +405,19 @@ def _diff(name: str, reference: np.ndarray, actual: np.ndarray) -> OutputDiff:
 
 
 def format_reports(reports: Iterable[Fp16Report]) -> str:
-    header = (f"{'graph':<22} {'plan':<12} {'fp32 nodes':>10} {'output':<16} {'max abs':>9} {'max rel':>9} "
+    header = (f"{'graph':<22} {'plan':<24} {'fp32 nodes':>10} {'output':<16} {'max abs':>9} {'max rel':>9} "
               f"{'max |fp16 act|':>14} {'of 65504':>8}  first FP16 overflow")
     lines = [header, "-" * len(header)]
     for r in reports:
         for o in r.outputs:
             lines.append(
-                f"{r.graph:<22} {r.plan:<12} {r.fp32_nodes:>10} {o.name:<16} {o.max_abs:>9.2e} {o.max_rel:>9.2e} "
+                f"{r.graph:<22} {r.plan:<24} {r.fp32_nodes:>10} {o.name:<16} {o.max_abs:>9.2e} {o.max_rel:>9.2e} "
                 f"{r.largest_fp16_value:>14.4g} {r.range_used:>8.2%}  {r.first_overflow or '-'}"
             )
     return "\n".join(lines)
 
 
-def _manifest_vocab_size(onnx_dir: Path) -> int:
+def manifest_vocab_size(onnx_dir: Path) -> int:
     """The text vocabulary the graphs were exported with (`python -m export` writes it down)."""
     import json
 
@@ -356,22 +433,25 @@ def main(argv=None) -> int:
     parser.add_argument("--onnx-dir", type=Path, default=Path("build/onnx"))
     parser.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS_BY_NAME), default=[g.name for g in GRAPHS])
     parser.add_argument("--unprotected", action="store_true", help="also run with nothing kept FP32")
+    parser.add_argument("--policy", choices=[p.name for p in POLICIES if p.fp16],
+                        help="emulate this policy's FP32 nodes (default: every group kept FP32)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    vocab_size = _manifest_vocab_size(args.onnx_dir)
+    vocab_size = manifest_vocab_size(args.onnx_dir)
     reports = []
     for name in args.graphs:
         spec = GRAPHS_BY_NAME[name]
         inputs = spec.sample_inputs(np.random.default_rng(args.seed), {BATCH: args.batch}, vocab_size)
         path = args.onnx_dir / spec.onnx_file
-        reports.append(compare_fp16(path, inputs, graph=name, threads=args.threads))
+        policy = POLICIES_BY_NAME[args.policy] if args.policy else None
+        reports.append(compare_fp16(path, inputs, graph=name, threads=args.threads, policy=policy))
         if args.unprotected:
             reports.append(compare_fp16(path, inputs, PrecisionPlan.unprotected(), name, args.threads))
         print(format_reports(reports[-2 if args.unprotected else -1:]), flush=True)
     print("\n" + format_reports(reports))
-    return 0 if all(r.ok for r in reports if r.plan == "planned") else 1
+    return 0 if all(r.ok for r in reports if r.plan != "unprotected") else 1
 
 
 if __name__ == "__main__":

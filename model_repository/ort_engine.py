@@ -1,7 +1,10 @@
 """Triton python model running one exported graph on ONNX Runtime (engine flavor `python-ort`).
 
 Triton's dynamic batcher hands `execute` several requests; requests whose inputs have the same
-shape are concatenated along the batch axis and run together, then the outputs are split back.
+shape are concatenated along the batch axis and run together, then the outputs are split back.  If a
+batch fails, its requests are run again one by one, so that one bad request fails alone and the rest
+of its batch is answered.  Execution providers come from the config (`execution_providers`: CPU, or
+CUDA/TensorRT with onnxruntime-gpu on `DEVICE=gpu`).
 """
 import json
 from collections import defaultdict
@@ -21,13 +24,19 @@ class TritonPythonModel:
         threads = int(params.get("intra_op_threads", "0"))
         if threads > 0:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(version_dir / params["onnx_file"]), options,
-                                            providers=["CPUExecutionProvider"])
+        providers = _providers(json.loads(params.get("execution_providers", '["CPUExecutionProvider"]')),
+                               args.get("model_instance_device_id", "0"))
+        self.session = ort.InferenceSession(str(version_dir / params["onnx_file"]), options, providers=providers)
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
         self.name = config["name"]
+        # A model Triton does not batch (the mask decoders: one image, N prompts) runs request by request.
+        self.batched = config.get("max_batch_size", 0) > 0
+        pb_utils.Logger.log_info(f"{self.name}: onnxruntime providers {self.session.get_providers()}")
 
     def execute(self, requests):
+        if not self.batched:
+            return [self._run_group([request])[0] for request in requests]
         responses = [None] * len(requests)
         for indices in _group_by_shape(requests, self.input_names).values():
             for index, response in zip(indices, self._run_group([requests[i] for i in indices])):
@@ -35,22 +44,37 @@ class TritonPythonModel:
         return responses
 
     def _run_group(self, requests):
-        feeds = {name: [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
-                 for name in self.input_names}
-        sizes = [a.shape[0] for a in feeds[self.input_names[0]]]
+        feeds = [{name: pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.input_names}
+                 for r in requests]
         try:
-            outputs = self.session.run(self.output_names, {k: np.concatenate(v) for k, v in feeds.items()})
+            return self._run_together(feeds)
         except Exception as exc:
-            pb_utils.Logger.log_error(f"{self.name}: onnxruntime failed: {exc}")
-            error = pb_utils.TritonError(f"{self.name}: inference failed")
-            return [pb_utils.InferenceResponse(error=error) for _ in requests]
-        bounds = np.cumsum([0] + sizes)
+            if len(requests) == 1:
+                pb_utils.Logger.log_error(f"{self.name}: onnxruntime failed: {exc}")
+                return [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{self.name}: inference failed"))]
+        return [self._run_group([request])[0] for request in requests]  # isolate the failing request(s)
+
+    def _run_together(self, feeds):
+        if len(feeds) == 1:  # also every request of a model Triton does not batch: outputs as they come
+            outputs = self.session.run(self.output_names, feeds[0])
+            return [pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor(name, out) for name, out in zip(self.output_names, outputs)])]
+        batched = {name: np.concatenate([f[name] for f in feeds]) for name in self.input_names}
+        outputs = self.session.run(self.output_names, batched)
+        bounds = np.cumsum([0] + [f[self.input_names[0]].shape[0] for f in feeds])
         return [
             pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor(name, np.ascontiguousarray(out[start:stop])) for name, out in zip(self.output_names, outputs)
             ])
             for start, stop in zip(bounds[:-1], bounds[1:])
         ]
+
+
+def _providers(names, device_id):
+    """ONNX Runtime providers with the instance's GPU for the CUDA and TensorRT ones."""
+    options = {"CUDAExecutionProvider": {"device_id": int(device_id)},
+               "TensorrtExecutionProvider": {"device_id": int(device_id)}}
+    return [(name, options[name]) if name in options else name for name in names]
 
 
 def _group_by_shape(requests, input_names):

@@ -34,7 +34,7 @@ DEMO_MODEL_BANNER = """
 ############################################################################################
 #  SMALL DEMO MODEL trained on synthetic coloured shapes (assets/demo-checkpoint/TRAINING.md): #
 #  it segments scenes like assets/demo_scene.png only. For real images serve the real one:   #
-#  make demo CHECKPOINT=YxZhang/evf-sam IMAGE=path/to/photo.jpg PROMPT="zebra top left"      #
+#  make demo CHECKPOINT=YxZhang/evf-sam2 IMAGE=path/to/photo.jpg PROMPT="zebra top left"     #
 ############################################################################################
 """
 OVERLAY_COLOR = np.array([50, 120, 220])  # upstream inference.py's highlight colour

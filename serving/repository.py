@@ -1,80 +1,94 @@
-"""Generate the Triton model repository from the graph specs.
+"""Generate the Triton model repository from the graph specs and the export's manifest.
 
-    python -m serving.repository --flavor python-ort --onnx-dir build/onnx --output build/model_repository
+    python -m serving.repository --flavor python-ort --device cpu --onnx-dir build/onnx --output build/model_repository
 
-Models: the three engines (`sam_image_encoder`, `beit3_fusion_encoder`, `prompt_mask_decoder`),
-python-backend `preprocess` / `postprocess`, and the `evf_sam` ensemble.  The engine flavor is one
-switch; the ensemble and the pre/post-processing are the same in all of them:
+Models (names and tensors from `evfsam.specs`; the family — EVF-SAM or EVF-SAM2 — and the recipe come
+from `build/onnx/manifest.json`):
 
-* `tensorrt`     platform tensorrt_plan, `model.plan` built by `python -m export.tensorrt_build`
-* `onnxruntime`  platform onnxruntime_onnx (NGC tritonserver, GPU or CPU)
+* `evf_sam`, `evf_sam_prompts`   the served contracts: one python source (model_repository/segment.py)
+                                 running one pipeline through BLS calls
+* `image_feature_cache`          the one image-feature cache both call (decoupled python, one instance)
+* the family's three engines     image encoder, `beit3_fusion_encoder`, mask decoder
+
+The engine flavor is one switch, the device another; the served models are the same in all of them:
+
+* `tensorrt`     platform tensorrt_plan (GPU), `model.plan` built by `python -m export.tensorrt_build`
+* `onnxruntime`  platform onnxruntime_onnx (NGC tritonserver): CPU, or GPU with the TensorRT execution
+                 provider (FP16, the specs' profiles, engine + timing caches) and CUDA as the fallback
 * `python-ort`   python-backend models running ONNX Runtime: what the pip-installable tritonserver
-                 (python backend only) serves, and the default here.
+                 (python backend only) serves, and the default here; on GPU, onnxruntime-gpu's CUDA provider.
 
-Every tensor name, dtype and shape comes from `evfsam.specs`.
+Every model has a bounded queue that rejects what does not fit, and a queue timeout.  The repository
+records what it was built from (`provenance.json` at its root; the served models' config parameters),
+so `serving.prepare` can tell a stale repository and clients can ask what is served.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional
 
-from evfsam.specs import (
-    BATCH,
-    EVF_SAM,
-    EVF_SAM_PROMPTS,
-    GRAPHS,
-    MAX_TEXT_TOKENS,
-    ORIGINAL_SIZE,
-    RESIZED_SIZE,
-    TEXT_BUCKET,
-    TOKENIZER_FILE,
-    GraphSpec,
-    TensorSpec,
-)
-from evfsam.specs import BEIT3_FUSION_ENCODER, PROMPT_MASK_DECODER, SAM_IMAGE_ENCODER
-from evfsam.model_config import InputLimits
+from evfsam import provenance
+from evfsam.model_config import (DEFAULT_BLS_TIMEOUT_S, DEFAULT_MAX_ENCODED_OUTPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS,
+                                 CacheSettings, InputLimits, PipelineSettings)
 from evfsam.processing import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from evfsam.specs import (BATCH, EVF_SAM, EVF_SAM_PROMPTS, IMAGES, MAX_TEXT_TOKENS, TEXT_BUCKET, TEXT_LEN,
+                          TOKENIZER_FILE, FamilySpec,
+                          GraphSpec, ServedModelSpec, TensorSpec, family, image_cache_spec)
 
 from .pbtxt import Enum, render
 
 FLAVORS = ("python-ort", "onnxruntime", "tensorrt")
-PREPROCESS = "preprocess"
-POSTPROCESS = "postprocess"
+DEVICES = ("cpu", "gpu")
+PROVENANCE_FILE = "provenance.json"
 SOURCE_DIR = Path(__file__).resolve().parent.parent / "model_repository"
 # Light, torch-free modules the python-backend models import; copied so the repository stands alone.
 SERVING_MODULES = ("__init__.py", "specs.py", "processing.py", "tokenization.py", "embedding_cache.py",
-                   "model_config.py")
+                   "model_config.py", "recipes.py", "mask_codecs.py")
 EVFSAM_DIR = Path(__file__).resolve().parent.parent / "evfsam"
-
-PREPROCESS_OUTPUTS = tuple(t for g in (SAM_IMAGE_ENCODER, BEIT3_FUSION_ENCODER) for t in g.inputs) + (
-    ORIGINAL_SIZE,
-    RESIZED_SIZE,
-)
-POSTPROCESS_INPUTS = PROMPT_MASK_DECODER.outputs + (ORIGINAL_SIZE, RESIZED_SIZE)
+# Image features per cached image: 4 MiB (EVF-SAM) or 16 MiB (EVF-SAM2), + the BEiT-3 view: the
+# default budgets hold ~110 images of either family.
+DEFAULT_CACHE_MIB = {"ori": 512, "sam2": 1824}
 
 
 @dataclass(frozen=True)
 class RepositoryOptions:
     flavor: str = "python-ort"
-    device: str = "cpu"  # instance kind of the engines for the onnxruntime flavor
+    device: str = "cpu"
     engine_instances: int = 1
-    python_instances: int = 2  # pre/post-processing instances (decode and resize run in parallel)
+    front_instances: int = 4  # requests in flight per served model (each instance serves one at a time)
     ort_threads: int = 0  # python-ort intra-op threads; 0 = ONNX Runtime's default
     max_queue_size: int = 64
     queue_timeout_us: int = 60_000_000
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_text_tokens: int = MAX_TEXT_TOKENS
-    cache_bytes: int = 512 * 1024**2  # evf_sam_prompts' image-embedding cache (~4.6 MB per image)
+    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
+    max_encoded_output_pixels: int = DEFAULT_MAX_ENCODED_OUTPUT_PIXELS
+    cache_bytes: Optional[int] = None  # None: DEFAULT_CACHE_MIB of the family
+    bls_timeout_s: float = DEFAULT_BLS_TIMEOUT_S
+    trt_cache_dir: str = "/tmp/evf_sam_trt_cache"  # onnxruntime flavor on GPU: TensorRT EP engine cache
     warmup: bool = True
 
+    def cache_budget(self, family_name: str) -> int:
+        return self.cache_bytes if self.cache_bytes is not None else DEFAULT_CACHE_MIB[family_name] * 1024**2
 
-def io_entry(tensor: TensorSpec) -> Dict:
-    entry = {"name": tensor.name, "data_type": Enum(tensor.triton_dtype), "dims": list(tensor.triton_dims())}
+    def check(self) -> "RepositoryOptions":
+        if self.flavor not in FLAVORS:
+            raise ValueError(f"unknown flavor {self.flavor!r}; choose one of {FLAVORS}")
+        if self.device not in DEVICES:
+            raise ValueError(f"unknown device {self.device!r}; choose one of {DEVICES}")
+        if self.flavor == "tensorrt" and self.device != "gpu":
+            raise ValueError("the tensorrt flavor runs on GPUs only: use --device gpu")
+        return self
+
+
+def io_entry(tensor: TensorSpec, batched: bool = True) -> Dict:
+    entry = {"name": tensor.name, "data_type": Enum(tensor.triton_dtype), "dims": list(tensor.triton_dims(batched))}
     if tensor.optional:
         entry["optional"] = True
     return entry
@@ -89,88 +103,111 @@ def queue_policy(opts: RepositoryOptions) -> Dict:
         "max_queue_size": opts.max_queue_size,
         "timeout_action": Enum("REJECT"),
         "default_timeout_microseconds": opts.queue_timeout_us,
+        "allow_timeout_override": True,  # a client's (or a BLS call's) own timeout applies
     }
 
 
 def warmup_entry(spec: GraphSpec) -> Dict:
-    point = {axis: TEXT_BUCKET if axis != BATCH else 1 for axis in spec.axes}
+    point = {BATCH: 1, IMAGES: 1, TEXT_LEN: TEXT_BUCKET}
     inputs = []
     for tensor in spec.inputs:
-        dims = list(tensor.concrete_shape(point)[1:])
+        shape = tensor.concrete_shape(point)
+        dims = list(shape[1:] if spec.triton_batching else shape)
         # zeros are valid everywhere: token id 0 is <s>, an all-zero mask pads only text
         inputs.append({"key": tensor.name, "value": {"data_type": Enum(tensor.triton_dtype), "dims": dims, "zero_data": True}})
     return {"name": f"{spec.name}_warmup", "batch_size": 1, "inputs": inputs}
 
 
+def _shapes(spec: GraphSpec, which: str) -> str:
+    return ",".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in spec.profile_shapes(which).items())
+
+
+def ort_gpu_accelerators(spec: GraphSpec, opts: RepositoryOptions) -> Dict:
+    """onnxruntime flavor on GPU: TensorRT EP (FP16, LayerNorm kept FP32, the spec's profile, engine and
+    timing caches), CUDA EP for what TensorRT does not take."""
+    trt = {
+        "precision_mode": "FP16",
+        "trt_layer_norm_fp32_fallback": "1",
+        "max_workspace_size_bytes": str(8 * 1024**3),
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": f"{opts.trt_cache_dir}/{spec.name}",
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": opts.trt_cache_dir,
+        "trt_profile_min_shapes": _shapes(spec, "min"),
+        "trt_profile_opt_shapes": _shapes(spec, "opt"),
+        "trt_profile_max_shapes": _shapes(spec, "max"),
+    }
+    return {"execution_accelerators": {"gpu_execution_accelerator": [
+        {"name": "tensorrt", "parameters": [{"key": k, "value": v} for k, v in trt.items()]},
+        {"name": "cuda", "parameters": [{"key": "use_ep_level_unified_stream", "value": "1"}]},
+    ]}}
+
+
 def engine_config(spec: GraphSpec, opts: RepositoryOptions) -> Dict:
     config: Dict = {"name": spec.name}
+    gpu = opts.device == "gpu"
     if opts.flavor == "tensorrt":
         config.update(platform="tensorrt_plan", default_model_filename="model.plan")
-        kind = "KIND_GPU"
     elif opts.flavor == "onnxruntime":
         config.update(platform="onnxruntime_onnx", default_model_filename="model.onnx")
-        kind = "KIND_GPU" if opts.device == "gpu" else "KIND_CPU"
     else:
         config.update(backend="python")
-        kind = "KIND_CPU"
     config.update(
         max_batch_size=spec.max_batch_size,
-        input=[io_entry(t) for t in spec.inputs],
-        output=[io_entry(t) for t in spec.outputs],
-        instance_group=[{"count": opts.engine_instances, "kind": Enum(kind)}],
-        dynamic_batching={
-            "preferred_batch_size": list(spec.preferred_batch_sizes),
-            "max_queue_delay_microseconds": spec.max_queue_delay_us,
-            "default_queue_policy": queue_policy(opts),
-        },
+        input=[io_entry(t, spec.triton_batching) for t in spec.inputs],
+        output=[io_entry(t, spec.triton_batching) for t in spec.outputs],
+        instance_group=[{"count": opts.engine_instances, "kind": Enum("KIND_GPU" if gpu else "KIND_CPU")}],
+        dynamic_batching=_engine_batching(spec, opts),
     )
+    if opts.flavor == "onnxruntime" and gpu:
+        config["optimization"] = ort_gpu_accelerators(spec, opts)
     if opts.flavor == "python-ort":
-        config["parameters"] = parameters({"onnx_file": spec.onnx_file, "intra_op_threads": opts.ort_threads})
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+        config["parameters"] = parameters({"onnx_file": spec.onnx_file, "intra_op_threads": opts.ort_threads,
+                                           "execution_providers": json.dumps(providers)})
     if opts.warmup:
         config["model_warmup"] = [warmup_entry(spec)]
     return config
 
 
-def python_config(name: str, inputs: Sequence[TensorSpec], outputs: Sequence[TensorSpec], opts: RepositoryOptions,
-                  params: Optional[Mapping[str, object]] = None) -> Dict:
-    config = {
-        "name": name,
+def _engine_batching(spec: GraphSpec, opts: RepositoryOptions) -> Dict:
+    batching: Dict = {"default_queue_policy": queue_policy(opts)}
+    if spec.triton_batching:
+        batching.update(preferred_batch_size=list(spec.preferred_batch_sizes),
+                        max_queue_delay_microseconds=spec.max_queue_delay_us)
+    return batching
+
+
+def served_config(spec: ServedModelSpec, opts: RepositoryOptions, params: Mapping[str, object]) -> Dict:
+    """`evf_sam` / `evf_sam_prompts`: python, CPU instances (they wait on BLS calls most of the time)."""
+    return {
+        "name": spec.name,
         "backend": "python",
-        "max_batch_size": EVF_SAM.max_batch_size * 8,
-        "input": [io_entry(t) for t in inputs],
-        "output": [io_entry(t) for t in outputs],
-        "instance_group": [{"count": opts.python_instances, "kind": Enum("KIND_CPU")}],
-        "dynamic_batching": {"max_queue_delay_microseconds": 0, "default_queue_policy": queue_policy(opts)},
-    }
-    if params:
-        config["parameters"] = parameters(params)
-    return config
-
-
-def ensemble_config() -> Dict:
-    steps = [
-        _step(PREPROCESS, EVF_SAM.inputs, PREPROCESS_OUTPUTS),
-        _step(SAM_IMAGE_ENCODER.name, SAM_IMAGE_ENCODER.inputs, SAM_IMAGE_ENCODER.outputs),
-        _step(BEIT3_FUSION_ENCODER.name, BEIT3_FUSION_ENCODER.inputs, BEIT3_FUSION_ENCODER.outputs),
-        _step(PROMPT_MASK_DECODER.name, PROMPT_MASK_DECODER.inputs, PROMPT_MASK_DECODER.outputs),
-        _step(POSTPROCESS, POSTPROCESS_INPUTS, EVF_SAM.outputs),
-    ]
-    return {
-        "name": EVF_SAM.name,
-        "platform": "ensemble",
-        "max_batch_size": EVF_SAM.max_batch_size,
-        "input": [io_entry(t) for t in EVF_SAM.inputs],
-        "output": [io_entry(t) for t in EVF_SAM.outputs],
-        "ensemble_scheduling": {"step": steps},
+        "max_batch_size": spec.max_batch_size,
+        "input": [io_entry(t, spec.max_batch_size > 0) for t in spec.inputs],
+        "output": [io_entry(t, spec.max_batch_size > 0) for t in spec.outputs],
+        "instance_group": [{"count": opts.front_instances, "kind": Enum("KIND_CPU")}],
+        "dynamic_batching": {"default_queue_policy": queue_policy(opts)},
+        "parameters": parameters(params),
     }
 
 
-def _step(model: str, inputs: Iterable[TensorSpec], outputs: Iterable[TensorSpec]) -> Dict:
+def cache_config(family_spec: FamilySpec, opts: RepositoryOptions) -> Dict:
+    """One decoupled instance: one cache, and requests answered concurrently on its event loop."""
+    spec = image_cache_spec(family_spec)
+    settings = CacheSettings(family_spec.name, opts.cache_budget(family_spec.name), opts.bls_timeout_s)
+    # Bounded by the served models' instances (each has at most a few cache calls in flight).
     return {
-        "model_name": model,
-        "model_version": -1,
-        "input_map": [{"key": t.name, "value": t.name} for t in inputs],
-        "output_map": [{"key": t.name, "value": t.name} for t in outputs],
+        "name": spec.name,
+        "backend": "python",
+        "max_batch_size": 0,
+        "input": [io_entry(t, False) for t in spec.inputs],
+        "output": [io_entry(t, False) for t in spec.outputs],
+        "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
+        "model_transaction_policy": {"decoupled": True},
+        "dynamic_batching": {"default_queue_policy": queue_policy(replace(opts, max_queue_size=max(
+            opts.max_queue_size, 8 * opts.front_instances)))},
+        "parameters": parameters(settings.to_parameters()),
     }
 
 
@@ -186,7 +223,8 @@ def install_python_model(version_dir: Path, source: str) -> None:
     package = version_dir / "evfsam"
     package.mkdir(exist_ok=True)
     for module in SERVING_MODULES:
-        shutil.copyfile(EVFSAM_DIR / module, package / module)
+        if (EVFSAM_DIR / module).is_file():
+            shutil.copyfile(EVFSAM_DIR / module, package / module)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
@@ -207,13 +245,32 @@ def install_onnx(onnx_dir: Path, spec: GraphSpec, version_dir: Path, target_name
         link_or_copy(data, version_dir / data.name)
 
 
+def read_export_manifest(onnx_dir: Path) -> Dict:
+    manifest = provenance.read_manifest(onnx_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{onnx_dir / provenance.MANIFEST_FILE} not found: run `make export` first")
+    if "family" not in manifest or "recipe" not in manifest:
+        raise FileNotFoundError(f"{onnx_dir / provenance.MANIFEST_FILE} predates families and recipes: run `make export` again")
+    return manifest
+
+
+def served_parameters(spec: ServedModelSpec, manifest: Mapping, opts: RepositoryOptions) -> Dict[str, object]:
+    limits = InputLimits(TOKENIZER_FILE, opts.max_text_tokens, opts.max_image_bytes, opts.max_image_pixels,
+                         opts.max_output_pixels, opts.max_encoded_output_pixels)
+    settings = PipelineSettings(spec.name, manifest["family"], manifest["recipe"], opts.bls_timeout_s)
+    served = {"checkpoint": manifest["checkpoint"], "checkpoint_sha256": manifest["checkpoint_sha256"],
+              "multitask": manifest.get("multitask", False)}
+    return {**limits.to_parameters(), **settings.to_parameters(), **served}
+
+
 def write_repository(output: Path, onnx_dir: Path, opts: RepositoryOptions = RepositoryOptions()) -> Path:
-    if opts.flavor not in FLAVORS:
-        raise ValueError(f"unknown flavor {opts.flavor!r}; choose one of {FLAVORS}")
+    opts.check()
+    manifest = read_export_manifest(onnx_dir)
+    family_spec = family(manifest["family"])
     if output.exists():
         shutil.rmtree(output)
     output.mkdir(parents=True)
-    for spec in GRAPHS:
+    for spec in family_spec.graphs:
         version_dir = write_model(output, engine_config(spec, opts))
         if opts.flavor == "python-ort":
             install_python_model(version_dir, "ort_engine.py")
@@ -221,56 +278,65 @@ def write_repository(output: Path, onnx_dir: Path, opts: RepositoryOptions = Rep
         elif opts.flavor == "onnxruntime":
             install_onnx(onnx_dir, spec, version_dir, "model.onnx")
         # tensorrt: model.plan is written into version_dir by `python -m export.tensorrt_build`
-    pre_dir = write_model(output, python_config(PREPROCESS, EVF_SAM.inputs, PREPROCESS_OUTPUTS, opts,
-                                                preprocess_parameters(opts)))
-    install_python_model(pre_dir, "preprocess.py")
-    shutil.copyfile(onnx_dir / TOKENIZER_FILE, pre_dir / TOKENIZER_FILE)
-    post_dir = write_model(output, python_config(POSTPROCESS, POSTPROCESS_INPUTS, EVF_SAM.outputs, opts))
-    install_python_model(post_dir, "postprocess.py")
-    write_model(output, ensemble_config())
-    prompts_dir = write_model(output, prompts_config(opts))
-    install_python_model(prompts_dir, "prompts.py")
-    shutil.copyfile(onnx_dir / TOKENIZER_FILE, prompts_dir / TOKENIZER_FILE)
+    install_python_model(write_model(output, cache_config(family_spec, opts)), "image_cache.py")
+    for spec in (EVF_SAM, EVF_SAM_PROMPTS):
+        version_dir = write_model(output, served_config(spec, opts, served_parameters(spec, manifest, opts)))
+        install_python_model(version_dir, "segment.py")
+        shutil.copyfile(onnx_dir / TOKENIZER_FILE, version_dir / TOKENIZER_FILE)
+    (output / PROVENANCE_FILE).write_text(json.dumps(repository_provenance(manifest, opts), indent=2))
     return output
 
 
-def preprocess_parameters(opts: RepositoryOptions) -> Dict[str, object]:
-    return InputLimits(TOKENIZER_FILE, opts.max_text_tokens, opts.max_image_bytes, opts.max_image_pixels).to_parameters()
+def repository_provenance(manifest: Mapping, opts: RepositoryOptions) -> Dict:
+    """What this repository serves and how it was generated (read by serving.prepare and the launcher)."""
+    return {"export": dict(manifest), "options": {k: v for k, v in opts.__dict__.items()},
+            "generator_commit": provenance.git_commit()}
 
 
-def prompts_config(opts: RepositoryOptions) -> Dict:
-    """`evf_sam_prompts`: one instance, so one cache serves every request (requests run in turn)."""
-    return {
-        "name": EVF_SAM_PROMPTS.name,
-        "backend": "python",
-        "max_batch_size": EVF_SAM_PROMPTS.max_batch_size,
-        "input": [io_entry(t) for t in EVF_SAM_PROMPTS.inputs],
-        "output": [io_entry(t) for t in EVF_SAM_PROMPTS.outputs],
-        "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
-        "parameters": parameters({**preprocess_parameters(opts), "cache_bytes": opts.cache_bytes}),
-    }
+def read_repository_provenance(repository: Path) -> Optional[Dict]:
+    path = Path(repository) / PROVENANCE_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except json.JSONDecodeError:
+        return None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The repository options as command-line flags (shared with serving.prepare)."""
+    parser.add_argument("--flavor", choices=FLAVORS, default="python-ort")
+    parser.add_argument("--device", choices=DEVICES, default="cpu")
+    parser.add_argument("--engine-instances", type=int, default=1)
+    parser.add_argument("--front-instances", type=int, default=4, help="requests in flight per served model")
+    parser.add_argument("--ort-threads", type=int, default=0)
+    parser.add_argument("--max-queue-size", type=int, default=64)
+    parser.add_argument("--cache-mib", type=int, default=None,
+                        help=f"image feature cache budget (default per family: {DEFAULT_CACHE_MIB})")
+    parser.add_argument("--max-output-pixels", type=int, default=DEFAULT_MAX_OUTPUT_PIXELS,
+                        help="raw masks per response: prompts x height x width")
+    parser.add_argument("--bls-timeout-s", type=float, default=DEFAULT_BLS_TIMEOUT_S)
+    parser.add_argument("--no-warmup", action="store_true")
+
+
+def options_from(args: argparse.Namespace) -> RepositoryOptions:
+    return RepositoryOptions(
+        flavor=args.flavor, device=args.device, engine_instances=args.engine_instances,
+        front_instances=args.front_instances, ort_threads=args.ort_threads, max_queue_size=args.max_queue_size,
+        cache_bytes=None if args.cache_mib is None else args.cache_mib * 1024**2,
+        max_output_pixels=args.max_output_pixels, bls_timeout_s=args.bls_timeout_s, warmup=not args.no_warmup)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m serving.repository", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flavor", choices=FLAVORS, default="python-ort")
     parser.add_argument("--onnx-dir", type=Path, default=Path("build/onnx"))
     parser.add_argument("--output", type=Path, default=Path("build/model_repository"))
-    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--engine-instances", type=int, default=1)
-    parser.add_argument("--python-instances", type=int, default=2)
-    parser.add_argument("--ort-threads", type=int, default=0)
-    parser.add_argument("--max-queue-size", type=int, default=64)
-    parser.add_argument("--cache-mib", type=int, default=512, help="evf_sam_prompts image-embedding cache budget")
-    parser.add_argument("--no-warmup", action="store_true")
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    opts = RepositoryOptions(flavor=args.flavor, device=args.device, engine_instances=args.engine_instances,
-                             python_instances=args.python_instances, ort_threads=args.ort_threads,
-                             max_queue_size=args.max_queue_size, cache_bytes=args.cache_mib * 1024**2,
-                             warmup=not args.no_warmup)
+    opts = options_from(args)
     path = write_repository(args.output, args.onnx_dir, opts)
-    print(f"wrote {opts.flavor} model repository to {path}")
+    manifest = read_export_manifest(args.onnx_dir)
+    print(f"wrote {opts.flavor}/{opts.device} model repository to {path}: {manifest['family']} checkpoint "
+          f"{manifest['checkpoint']} (sha256 {manifest['checkpoint_sha256'][:12]}), recipe {manifest['recipe']}")
 
 
 if __name__ == "__main__":

@@ -3,11 +3,14 @@
     python -m serving.server --repository build/model_repository [--http-port 8000 ...]
 
 Runs in the foreground until SIGTERM / SIGINT, restarting tritonserver if it crashes (tritonserver
-2.51 can crash when a gRPC client cancels a request in flight: triton-inference-server issue 7368).  Then it drains first: it waits (up to
---drain-timeout) until no request is inside the evf_sam pipeline, and only then sends SIGTERM to
-tritonserver.  Triton 2.51 alone would refuse the later ensemble steps of requests already in flight
-("Server is stopping"), failing them.  The recipe (python-backend stub copied next to
-the backend, the running Python's LIBDIR first on LD_LIBRARY_PATH) is in ../shared/triton-on-cpu.md.
+2.51 can crash when a gRPC client cancels a request in flight: triton-inference-server issue 7368).
+On a stop it drains first: it waits (up to --drain-timeout) until no request is inside `evf_sam` or
+`evf_sam_prompts` (each counts its requests in and out in one try/finally, so a failed or rejected
+request cannot leave a phantom) and none is queued at any model, and only then sends SIGTERM to
+tritonserver.  Triton 2.51 alone would refuse the BLS calls of requests already in flight ("Server is
+stopping"), failing them.  At start it prints what the repository serves (its provenance record).
+The recipe (python-backend stub copied next to the backend, the running Python's LIBDIR first on
+LD_LIBRARY_PATH) is in ../shared/triton-on-cpu.md.
 """
 from __future__ import annotations
 
@@ -154,7 +157,20 @@ class TritonServer:
             *self.extra_args,
         ]
 
+    def check_ports_free(self) -> None:
+        """Fail clearly when another process holds one of our ports: its readiness endpoint would
+        answer for ours, and tritonserver would then exit on the port it cannot bind."""
+        for name, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port), ("metrics", self.metrics_port)):
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+                try:
+                    probe.bind((self.address, port))
+                except OSError as exc:
+                    raise ServerError(f"{name} port {self.address}:{port} is not free ({exc.strerror}); "
+                                      "stop what uses it or choose other ports") from None
+
     def start(self, work_dir: Optional[Path] = None) -> "TritonServer":
+        self.check_ports_free()
         install = TritonInstall.find()
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="evfsam-triton-"))
         backend_dir = install.backend_directory(self.work_dir)
@@ -253,15 +269,16 @@ def main(argv=None) -> int:
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop_requested.append(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: stop_requested.append(signum))
-    server.start()
     try:
+        server.start()
         _wait_ready_unless_stopped(server, args.ready_timeout, stop_requested)
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         server.stop(drain_timeout=0)
         return 1
     if not stop_requested:
-        print(f"\nEVF-SAM is being served: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}\n"
+        print(f"\n{served_model_line(args.repository)}\n"
+              f"EVF-SAM is being served: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics {server.metrics_url}\n"
               f"  python -m clients.segment --url {server.grpc_url} --protocol grpc --image IMAGE --prompt 'zebra top left'\n"
               f"  curl -s http://{server.http_url}/v2/models/evf_sam\n"
               "Stop with Ctrl-C (or SIGTERM): requests in flight are finished first.", flush=True)
@@ -276,15 +293,28 @@ def main(argv=None) -> int:
             print(f"error: {len(crashes)} exits within {CRASH_WINDOW_S} s; giving up", file=sys.stderr)
             return 1
         print("restarting tritonserver ...", file=sys.stderr, flush=True)
-        server.start(server.work_dir)
         try:
+            server.start(server.work_dir)
             _wait_ready_unless_stopped(server, args.ready_timeout, stop_requested)
-        except ServerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except ServerError as exc:  # counted as one more exit by the next pass
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            time.sleep(1.0)
     print("stopping: finishing requests in flight ...", flush=True)
     code = server.stop(drain_timeout=args.drain_timeout)
     print(f"tritonserver stopped (exit code {code})", flush=True)
     return 0 if code == 0 else 1
+
+
+def served_model_line(repository: Path) -> str:
+    """What the repository serves, from the record it was generated with (serving/repository.py)."""
+    from .repository import read_repository_provenance
+
+    recorded = read_repository_provenance(repository)
+    if recorded is None:
+        return f"warning: {repository} has no provenance record; what it serves is unknown (run `make repository`)"
+    export, options = recorded["export"], recorded["options"]
+    return (f"model: {export['checkpoint']} (sha256 {export['checkpoint_sha256'][:12]}), family {export['family']}, "
+            f"recipe {export['recipe']}; engines {options['flavor']} on {options['device']}")
 
 
 def _wait_ready_unless_stopped(server: TritonServer, timeout: float, stop_requested: list) -> None:

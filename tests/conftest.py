@@ -23,6 +23,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sam2_checkpoint(tmp_path_factory) -> Path:
+    """EVF-SAM2 (SAM-2 Hiera) in miniature, multitask tokenizer ("[semantic]")."""
+    from export.tiny_checkpoint import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny_sam2_checkpoint"), family="sam2", multitask=True)
+
+
+@pytest.fixture(scope="session")
 def loaded_model(tiny_checkpoint):
     from evfsam.checkpoint import load_evf_sam
 
@@ -36,6 +44,24 @@ def onnx_dir(tiny_checkpoint, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("onnx")
     run(parse_args(["--checkpoint", str(tiny_checkpoint), "--output-dir", str(out)]))
+    return out
+
+
+@pytest.fixture(scope="session")
+def loaded_sam2_model(tiny_sam2_checkpoint):
+    from evfsam.checkpoint import load_evf_sam
+
+    model, config, _ = load_evf_sam(tiny_sam2_checkpoint)
+    return model, config
+
+
+@pytest.fixture(scope="session")
+def sam2_onnx_dir(tiny_sam2_checkpoint, tmp_path_factory) -> Path:
+    """The tiny EVF-SAM2 multitask checkpoint exported with its default recipe (sam2-v2)."""
+    from export.__main__ import parse_args, run
+
+    out = tmp_path_factory.mktemp("sam2_onnx")
+    run(parse_args(["--checkpoint", str(tiny_sam2_checkpoint), "--output-dir", str(out)]))
     return out
 
 

@@ -203,8 +203,8 @@ def test_prompts_must_be_text():
 # ---------------------------------------------------------------- many-prompts contract
 
 
-PROMPTS_IMAGE, PROMPTS_KEY, PROMPTS_PROMPTS = (t.name for t in EVF_SAM_PROMPTS.inputs)
-PROMPTS_MASKS, PROMPTS_SCORES, PROMPTS_KEY_OUT = (t.name for t in EVF_SAM_PROMPTS.outputs)
+PROMPTS_IMAGE, PROMPTS_KEY, PROMPTS_PROMPTS, PROMPTS_FORMAT = (t.name for t in EVF_SAM_PROMPTS.inputs)
+PROMPTS_MASKS, PROMPTS_SCORES, PROMPTS_KEY_OUT, PROMPTS_HIT, PROMPTS_ENCODED = (t.name for t in EVF_SAM_PROMPTS.outputs)
 
 
 def test_many_prompts_metadata_is_checked():
@@ -220,6 +220,10 @@ def test_many_prompts_requests_follow_the_spec(module):
         (PROMPTS_IMAGE, "BYTES", [1]), (PROMPTS_PROMPTS, "BYTES", [2])]
     by_key = build_prompts_inputs(module, ["x"], image_key="ab" * 32)
     assert [(i.name(), i.shape()) for i in by_key] == [(PROMPTS_KEY, [1]), (PROMPTS_PROMPTS, [1])]
+    compact = build_prompts_inputs(module, ["x"], image=b"x", mask_format="rle")
+    assert [(i.name(), i.shape()) for i in compact] == [(PROMPTS_IMAGE, [1]), (PROMPTS_PROMPTS, [1]), (PROMPTS_FORMAT, [1])]
+    with pytest.raises(InvalidInput, match="mask_format must be one of raw, rle, png, got 'jpeg'"):
+        build_prompts_inputs(module, ["x"], image=b"x", mask_format="jpeg")
     with pytest.raises(InvalidInput, match="exactly one of an image and an image key"):
         build_prompts_inputs(module, ["x"], image=b"x", image_key="k")
     with pytest.raises(InvalidInput, match="prompt must be a str, got bytes"):
@@ -243,13 +247,31 @@ def test_segment_prompts_arguments_are_checked():
 def test_many_prompts_results_are_parsed_in_order_with_the_key():
     masks = np.zeros((2, 5, 7), np.uint8)
     masks[1, 1:3, 2:6] = 1
-    result = FakeResult(**{PROMPTS_MASKS: masks, PROMPTS_SCORES: np.array([0.25, 0.75], np.float32),
-                           PROMPTS_KEY_OUT: np.array([b"abc"], dtype=object)})
-    first, second = parse_prompts_result(result, ["a", "b"])
-    assert (first.prompt, first.score, first.area, first.image_key) == ("a", 0.25, 0, "abc")
+    common = {PROMPTS_SCORES: np.array([0.25, 0.75], np.float32), PROMPTS_KEY_OUT: np.array([b"abc"], dtype=object),
+              PROMPTS_HIT: np.array([True])}
+    first, second = parse_prompts_result(FakeResult(**{PROMPTS_MASKS: masks}, **common), ["a", "b"])
+    assert (first.prompt, first.score, first.area, first.image_key, first.cache_hit) == ("a", 0.25, 0, "abc", True)
     assert (second.prompt, second.score, second.area, second.image_key) == ("b", 0.75, 8, "abc")
-    with pytest.raises(ContractMismatch, match=f"expected 3 {PROMPTS_MASKS!r}, 3 {PROMPTS_SCORES!r} and one"):
-        parse_prompts_result(result, ["a", "b", "c"])
+    with pytest.raises(ContractMismatch, match="expected 3 masks and 3 scores, one image_key and one cache_hit"):
+        parse_prompts_result(FakeResult(**{PROMPTS_MASKS: masks}, **common), ["a", "b", "c"])
+
+
+@pytest.mark.parametrize("mask_format", ["rle", "png"])
+def test_encoded_masks_are_decoded_and_kept(mask_format):
+    from evfsam.mask_codecs import encode_mask
+
+    masks = np.zeros((2, 5, 7), np.uint8)
+    masks[1, 1:3, 2:6] = 1
+    encoded = np.array([encode_mask(m, mask_format) for m in masks], dtype=object)
+    result = FakeResult(**{PROMPTS_ENCODED: encoded, PROMPTS_SCORES: np.array([0.25, 0.75], np.float32),
+                           PROMPTS_KEY_OUT: np.array([b"abc"], dtype=object), PROMPTS_HIT: np.array([False])})
+    first, second = parse_prompts_result(result, ["a", "b"], mask_format=mask_format)
+    np.testing.assert_array_equal(second.mask, masks[1])
+    assert (second.encoded_mask, second.mask_format, second.cache_hit) == (encoded[1], mask_format, False)
+    corrupt = FakeResult(**{PROMPTS_ENCODED: np.array([b"{}", b"{}"], dtype=object), PROMPTS_SCORES: np.zeros(2, np.float32),
+                            PROMPTS_KEY_OUT: np.array([b"abc"], dtype=object), PROMPTS_HIT: np.array([False])})
+    with pytest.raises(ContractMismatch, match=f"the server sent a {mask_format} mask that does not decode"):
+        parse_prompts_result(corrupt, ["a", "b"], mask_format=mask_format)
 
 
 @pytest.mark.parametrize("status", ["StatusCode.INVALID_ARGUMENT", "400"])

@@ -8,6 +8,7 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -138,3 +139,66 @@ def test_check_plans_rejects_a_plan_from_another_tensorrt(tmp_path):
     assert subprocess.run(command, capture_output=True, text=True).returncode != 0
     meta.write_text(f'{{\n  "tensorrt_version": "{TENSORRT_VERSION}"\n}}\n')
     assert subprocess.run(command, capture_output=True, text=True).returncode == 0
+
+
+def pyproject_pin(package: str) -> str:
+    import tomllib
+
+    project = tomllib.loads((DOCKER_DIR.parent / "pyproject.toml").read_text())["project"]
+    pins = [r for r in project["dependencies"] + project["optional-dependencies"]["export"]
+            if r.startswith(f"{package}==")]
+    assert len(pins) == 1, pins
+    return pins[0].split("==")[1]
+
+
+def test_export_image_installs_the_validated_torch():
+    """torch comes from pyproject.toml's pin as the CPU build of PyTorch's index, and the build checks
+    the version it got; the image's own torch is never the one that exports."""
+    runs = " ".join(args for keyword, args in instructions(read("Dockerfile.export")) if keyword == "RUN")
+    args = dict(a.split("=", 1) for keyword, a in instructions(read("Dockerfile.export")) if keyword == "ARG" and "=" in a)
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert '--index-url "${TORCH_INDEX_URL}" -r /tmp/evf-sam/torch.txt' in runs
+    assert 'r.startswith("torch==")' in runs and '+cpu' in runs  # the pin itself, read from pyproject.toml
+    assert "torch.__version__ == pin" in runs
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pyproject_pin("torch"))
+
+
+MIB = 2**20
+
+
+def shm_worst_case_bytes() -> int:
+    """Peak /dev/shm of the python-backend models at the largest requests they accept (compose.yaml):
+    every served-model instance busy with its largest request, each holding its request, its
+    response and the tensors of the BLS calls it makes at once (the larger family's features)."""
+    from evfsam.model_config import DEFAULT_MAX_OUTPUT_PIXELS
+    from evfsam.processing import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+    from evfsam.specs import BEIT3_FUSION_ENCODER, FAMILIES, MAX_PROMPTS_PER_REQUEST, PROMPT_MASK_DECODER, SAM_IMAGE_ENCODER
+    from serving.repository import RepositoryOptions
+
+    def nbytes(tensor, rows):
+        return int(np.prod(tensor.concrete_shape({"batch": rows, "images": 1, "text_len": 0}))) * tensor.np_dtype.itemsize
+
+    instances = RepositoryOptions().front_instances
+    features = max(f.feature_bytes for f in FAMILIES.values())
+    rows = PROMPT_MASK_DECODER.max_rows
+    chunks = MAX_PROMPTS_PER_REQUEST // rows  # decoder and BEiT-3 calls of one request run concurrently
+    sam_view = nbytes(SAM_IMAGE_ENCODER.input("images"), 1)
+    per_call = {
+        "encoder": sam_view + features,
+        "cache put + get": 2 * (features + nbytes(BEIT3_FUSION_ENCODER.input("images_evf"), 1)),
+        "beit3": chunks * nbytes(BEIT3_FUSION_ENCODER.input("images_evf"), rows),
+        "decoder": chunks * (features + nbytes(PROMPT_MASK_DECODER.output("low_res_masks"), rows)),
+    }
+    prompts_request = DEFAULT_MAX_IMAGE_BYTES + DEFAULT_MAX_OUTPUT_PIXELS + sum(per_call.values())
+    single_request = DEFAULT_MAX_IMAGE_BYTES + DEFAULT_MAX_IMAGE_PIXELS + sam_view + 3 * features + 2 * MIB
+    return instances * (prompts_request + single_request)
+
+
+def test_compose_shared_memory_covers_the_worst_case_responses():
+    service = yaml.safe_load(read("compose.yaml"))["services"]["triton"]
+    default = re.fullmatch(r"\$\{TRITON_SHM_SIZE:-(\d+)gb\}", service["shm_size"])
+    assert default, service["shm_size"]
+    worst = shm_worst_case_bytes()
+    assert 2.0 * 2**30 < worst < 3.0 * 2**30  # ~2.5 GiB, as the comment in compose.yaml works out
+    assert int(default.group(1)) * 2**30 >= 2 * worst  # doubled for the regions' growth and fragmentation
+    assert "256 MiB" in read("compose.yaml")

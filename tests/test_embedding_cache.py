@@ -1,91 +1,121 @@
-"""The image-embedding cache on its own: LRU under a byte budget, compute-once under concurrency."""
+"""The image-feature cache on its own: LRU under a byte budget, claims, one computation per image."""
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
 
 import numpy as np
 import pytest
 
-from evfsam.embedding_cache import CachedImage, EmbeddingCache, image_key
+from evfsam.embedding_cache import CLAIMED, HIT, UNKNOWN, CachedImage, FeatureCache, image_key
 
 
 def entry(value: float, size: int = 1000) -> CachedImage:
-    return CachedImage(np.full((1, size), value, np.float32), np.zeros((1, 0), np.float32), (10, 20), (5, 10))
+    return CachedImage({"image_embeddings": np.full((1, size), value, np.float32)}, np.zeros((1, 0), np.float32),
+                       (10, 20), (5, 10))
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def fill(cache: FeatureCache, key: str, value: float) -> None:
+    status, _ = await cache.get(key, claim=True)
+    assert status == CLAIMED
+    cache.put(key, entry(value))
 
 
 def test_lru_eviction_under_byte_budget():
-    cache = EmbeddingCache(budget_bytes=3 * 4000)
-    for name in "abc":
-        cache.get_or_compute(name, lambda n=name: entry(ord(n)))
-    assert cache.get("a") is not None  # a becomes most recent
-    cache.get_or_compute("d", lambda: entry(4))  # evicts b, the least recently used
-    assert "b" not in cache and all(k in cache for k in "acd")
-    assert cache.evictions == 1 and cache.bytes == 3 * 4000 and len(cache) == 3
+    async def scenario():
+        cache = FeatureCache(budget_bytes=3 * 4000)
+        for name in "abc":
+            await fill(cache, name, ord(name))
+        assert (await cache.get("a", claim=False))[0] == HIT  # a becomes most recent
+        await fill(cache, "d", 4)  # evicts b, the least recently used
+        assert "b" not in cache and all(k in cache for k in "acd")
+        assert cache.evictions == 1 and cache.bytes == 3 * 4000 and len(cache) == 3
+
+    run(scenario())
 
 
-def test_hits_misses_and_values():
-    cache = EmbeddingCache(budget_bytes=10**6)
-    first, hit = cache.get_or_compute("k", lambda: entry(1.0))
-    again, hit_again = cache.get_or_compute("k", lambda: pytest.fail("must not recompute"))
-    assert (hit, hit_again) == (False, True) and again is first
-    assert cache.get("missing") is None
-    assert (cache.hits, cache.misses) == (1, 2)
+def test_hits_misses_unknown_and_values():
+    async def scenario():
+        cache = FeatureCache(budget_bytes=10**6)
+        assert await cache.get("k", claim=False) == (UNKNOWN, None)  # a key alone never claims
+        await fill(cache, "k", 1.0)
+        status, found = await cache.get("k", claim=True)
+        assert status == HIT and found.features["image_embeddings"][0, 0] == 1.0
+        assert (cache.hits, cache.misses) == (1, 1)
+
+    run(scenario())
 
 
-def test_entry_larger_than_budget_is_served_not_kept():
-    cache = EmbeddingCache(budget_bytes=100)
-    value, hit = cache.get_or_compute("big", lambda: entry(1.0))
-    assert not hit and value.embeddings.shape == (1, 1000) and "big" not in cache and cache.bytes == 0
+def test_entry_larger_than_budget_reaches_waiters_but_is_not_kept():
+    async def scenario():
+        cache = FeatureCache(budget_bytes=100)
+        assert (await cache.get("big", claim=True))[0] == CLAIMED
+        waiter = asyncio.ensure_future(cache.get("big", claim=True))
+        await asyncio.sleep(0)
+        cache.put("big", entry(1.0))
+        status, found = await waiter
+        assert status == HIT and found.features["image_embeddings"].shape == (1, 1000)
+        assert "big" not in cache and cache.bytes == 0
+
+    run(scenario())
 
 
 def test_concurrent_requests_for_one_new_image_compute_once():
-    cache = EmbeddingCache(budget_bytes=10**6)
-    calls = []
+    async def scenario():
+        cache = FeatureCache(budget_bytes=10**6)
+        computed = []
 
-    def compute():
-        calls.append(1)
-        time.sleep(0.2)
-        return entry(7.0)
+        async def request():
+            status, found = await cache.get("img", claim=True)
+            if status == CLAIMED:
+                computed.append(1)
+                await asyncio.sleep(0.05)
+                cache.put("img", entry(7.0))
+                return entry(7.0)
+            return found
 
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(cache.get_or_compute("same", compute))) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(calls) == 1
-    assert sum(1 for _, hit in results if not hit) == 1
-    assert all(np.array_equal(r.embeddings, results[0][0].embeddings) for r, _ in results)
+        results = await asyncio.gather(*(request() for _ in range(6)))
+        assert len(computed) == 1 and all(r.features["image_embeddings"][0, 0] == 7.0 for r in results)
+        assert (cache.misses, cache.hits) == (1, 5)
 
-
-def test_failed_compute_lets_a_waiter_retry():
-    cache = EmbeddingCache(budget_bytes=10**6)
-    attempts = []
-
-    def flaky():
-        attempts.append(1)
-        time.sleep(0.1)
-        if len(attempts) == 1:
-            raise RuntimeError("engine down")
-        return entry(3.0)
-
-    outcomes = []
-
-    def call():
-        try:
-            outcomes.append(cache.get_or_compute("x", flaky)[0])
-        except RuntimeError as exc:
-            outcomes.append(exc)
-
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert sum(isinstance(o, RuntimeError) for o in outcomes) == 1
-    assert len(attempts) == 2 and "x" in cache
+    run(scenario())
 
 
-def test_key_is_sha256_of_bytes():
+def test_a_released_claim_passes_to_the_next_waiter():
+    """The owner fails (a bad image, a cancelled client): one waiter takes over, the others still wait."""
+    async def scenario():
+        cache = FeatureCache(budget_bytes=10**6)
+        assert (await cache.get("img", claim=True))[0] == CLAIMED
+        waiters = [asyncio.ensure_future(cache.get("img", claim=True)) for _ in range(3)]
+        await asyncio.sleep(0)
+        cache.release("img")
+        done, pending = await asyncio.wait(waiters, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.sleep(0.05)  # the others had their chance to wake, too
+        assert [w.result()[0] for w in waiters if w.done()] == [CLAIMED]  # exactly one new owner
+        cache.put("img", entry(2.0))
+        results = await asyncio.wait_for(asyncio.gather(*waiters), 1.0)
+        assert sorted(status for status, _ in results) == [CLAIMED, HIT, HIT]
+
+    run(scenario())
+
+
+def test_a_claim_whose_owner_never_returns_expires():
+    async def scenario():
+        cache = FeatureCache(budget_bytes=10**6, claim_timeout_s=0.05)
+        assert (await cache.get("img", claim=True))[0] == CLAIMED  # and the owner disappears
+        status, _ = await asyncio.wait_for(cache.get("img", claim=True), 2.0)
+        assert status == CLAIMED and cache.claims_in_flight == 1
+
+    run(scenario())
+
+
+def test_image_key_is_sha256_hex():
     assert image_key(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+
+
+def test_negative_budget_is_refused():
+    with pytest.raises(ValueError, match=">= 0 bytes"):
+        FeatureCache(-1)

@@ -1,4 +1,5 @@
-"""The three ONNX graphs: parity with PyTorch, padding and batch equivalence, the typed failure."""
+"""The ONNX graphs of both families: parity with PyTorch, padding and broadcast equivalence, provenance,
+the typed failure."""
 from __future__ import annotations
 
 import json
@@ -7,16 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from evfsam.specs import BEIT3_FUSION_ENCODER, GRAPHS, PROMPT_MASK_DECODER, TOKENIZER_FILE
+from evfsam.specs import BEIT3_FUSION_ENCODER, ORI, PROMPT_MASK_DECODER, SAM2, SAM2_PROMPT_MASK_DECODER, TOKENIZER_FILE
 from export.onnx_export import ExportValidationError, ort_session, validate_graph
 
 PROMPTS = ["zebra top left", "the man in the red shirt", "  a cat  ", "Ünïcödé piñata 😀", "left", "x" * 40,
            "the second giraffe from the right, behind the fence"]
 
 
-def test_export_writes_graphs_tokenizer_and_manifest(onnx_dir):
+def test_export_writes_graphs_tokenizer_and_manifest(onnx_dir, tiny_checkpoint):
     manifest = json.loads((onnx_dir / "manifest.json").read_text())
-    for spec in GRAPHS:
+    assert (manifest["family"], manifest["recipe"], manifest["multitask"]) == ("ori", "ori", False)
+    assert manifest["checkpoint"] == str(tiny_checkpoint) and len(manifest["checkpoint_sha256"]) == 64
+    for spec in ORI.graphs:
         assert (onnx_dir / spec.onnx_file).is_file()
         assert len(manifest["graphs"][spec.name]["sha256"]) == 64
         import onnx
@@ -30,7 +33,7 @@ def test_export_writes_graphs_tokenizer_and_manifest(onnx_dir):
     assert (onnx_dir / TOKENIZER_FILE).is_file()
 
 
-@pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", ORI.graphs, ids=lambda s: s.name)
 @pytest.mark.parametrize("batch, text_len", [(1, 2), (5, 21)])
 def test_graph_parity_at_untraced_shapes(loaded_model, onnx_dir, spec, batch, text_len):
     model, config = loaded_model
@@ -38,6 +41,44 @@ def test_graph_parity_at_untraced_shapes(loaded_model, onnx_dir, spec, batch, te
                              axes={"batch": batch, "text_len": text_len}, seed=batch)
     assert all(r.ok for r in results)
     assert {r.output for r in results} == set(spec.output_names)
+
+
+@pytest.mark.parametrize("spec", SAM2.graphs, ids=lambda s: s.name)
+def test_sam2_graph_parity_at_untraced_shapes(loaded_sam2_model, sam2_onnx_dir, spec):
+    model, config = loaded_sam2_model
+    results = validate_graph(model, spec, sam2_onnx_dir / spec.onnx_file, vocab_size=config.beit3.vocab_size,
+                             axes={"batch": 3, "text_len": 11}, seed=7, recipe="sam2-v2")
+    assert all(r.ok for r in results)
+    assert {r.output for r in results} == set(spec.output_names)
+
+
+def test_sam2_export_records_family_recipe_and_multitask(sam2_onnx_dir):
+    manifest = json.loads((sam2_onnx_dir / "manifest.json").read_text())
+    assert (manifest["family"], manifest["recipe"], manifest["multitask"]) == ("sam2", "sam2-v2", True)
+    assert set(manifest["graphs"]) == {g.name for g in SAM2.graphs}
+
+
+def test_sam2_single_stability_recipe_exports_its_own_decoder(tiny_sam2_checkpoint, loaded_sam2_model, tmp_path):
+    """--recipe sam2-v1 bakes the stability fallback into the decoder graph; the default (sam2-v2) does not."""
+    from export.__main__ import parse_args, run
+
+    run(parse_args(["--checkpoint", str(tiny_sam2_checkpoint), "--output-dir", str(tmp_path),
+                    "--recipe", "sam2-v1", "--graphs", SAM2_PROMPT_MASK_DECODER.name]))
+    model, config = loaded_sam2_model
+    results = validate_graph(model, SAM2_PROMPT_MASK_DECODER, tmp_path / SAM2_PROMPT_MASK_DECODER.onnx_file,
+                             recipe="sam2-v1", axes={"batch": 4}, seed=2)
+    assert all(r.ok for r in results)
+    with pytest.raises(ExportValidationError):  # the graph is not the multimask-best one
+        validate_graph(model, SAM2_PROMPT_MASK_DECODER, tmp_path / SAM2_PROMPT_MASK_DECODER.onnx_file,
+                       recipe="sam2-v2", axes={"batch": 4}, seed=2)
+
+
+def test_recipe_of_another_family_is_refused(tiny_checkpoint, tmp_path):
+    from evfsam.provenance import ProvenanceError
+    from export.__main__ import parse_args, run
+
+    with pytest.raises(ProvenanceError, match="recipe 'sam2-v1' is for 'sam2' checkpoints"):
+        run(parse_args(["--checkpoint", str(tiny_checkpoint), "--output-dir", str(tmp_path), "--recipe", "sam2-v1"]))
 
 
 def test_validation_fails_typed_when_graph_disagrees(loaded_model, onnx_dir):
@@ -90,17 +131,20 @@ def test_padded_prompts_equal_unpadded(onnx_dir, prompt_tokenizer):
     assert np.abs(ignored_padding[padded_rows] - batched[padded_rows]).max() > 1e-3
 
 
-def test_decoder_batch_equals_upstream_decoder_per_image(loaded_model, onnx_dir, torch_pipeline):
-    """The batched decoder graph pairs image i with prompt i, as upstream's per-image loop does."""
+def test_decoder_equals_upstream_decoder_broadcast_and_paired(loaded_model, onnx_dir, torch_pipeline):
+    """One image broadcast over N prompts (the served case) and image i with prompt i both equal
+    segment-anything's own MaskDecoder called per prompt as upstream calls it."""
     rng = np.random.default_rng(3)
     embeddings = rng.standard_normal((3, 256, 64, 64)).astype(np.float32)
     text = rng.standard_normal((3, 1, 256)).astype(np.float32)
-    masks, iou = ort_session(onnx_dir / PROMPT_MASK_DECODER.onnx_file).run(
-        None, {"image_embeddings": embeddings, "text_embeds": text})
+    session = ort_session(onnx_dir / PROMPT_MASK_DECODER.onnx_file)
+    paired = session.run(None, {"image_embeddings": embeddings, "text_embeds": text})
+    broadcast = session.run(None, {"image_embeddings": embeddings[:1], "text_embeds": text})
     for i in range(3):
-        ref_masks, ref_iou = torch_pipeline.decode(torch.from_numpy(embeddings[i:i + 1]), torch.from_numpy(text[i:i + 1]))
-        np.testing.assert_allclose(masks[i:i + 1], ref_masks.numpy(), rtol=0, atol=1e-4)
-        np.testing.assert_allclose(iou[i:i + 1], ref_iou.numpy(), rtol=0, atol=1e-5)
+        for masks, iou, image in ((*paired, embeddings[i:i + 1]), (*broadcast, embeddings[:1])):
+            ref_masks, ref_iou = torch_pipeline.decode(torch.from_numpy(image), torch.from_numpy(text[i:i + 1]))
+            np.testing.assert_allclose(masks[i:i + 1], ref_masks.numpy(), rtol=0, atol=1e-4)
+            np.testing.assert_allclose(iou[i:i + 1], ref_iou.numpy(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -6,25 +6,27 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from evfsam.embedding_cache import image_key
 from evfsam.processing import decode_image
-from evfsam.specs import CACHE_METRICS, EVF_SAM_PROMPTS
+from evfsam import mask_codecs
+from evfsam.specs import CACHE_METRICS, EVF_SAM_PROMPTS, SAM_IMAGE_ENCODER
 from serving import metrics
 from tests.images import encode, scene
 from tests.test_serving import grpc_segment
 
 pytestmark = pytest.mark.triton
 
-IMAGE, IMAGE_KEY, PROMPTS = (t.name for t in EVF_SAM_PROMPTS.inputs)
-MASKS, SCORES, KEY_OUT = (t.name for t in EVF_SAM_PROMPTS.outputs)
+IMAGE, IMAGE_KEY, PROMPTS, MASK_FORMAT = (t.name for t in EVF_SAM_PROMPTS.inputs)
+MASKS, SCORES, KEY_OUT, CACHE_HIT, MASKS_ENCODED = (t.name for t in EVF_SAM_PROMPTS.outputs)
 PROMPT_LIST = ["zebra top left", "a cat", "the second one from the right, behind the fence", "red", "left"]
 
 
-def segment_many(server, prompts, image=None, key=None):
+def segment_many(server, prompts, image=None, key=None, mask_format=None, with_hit=False):
     inputs = []
-    for name, value in ((IMAGE, image), (IMAGE_KEY, key)):
+    for name, value in ((IMAGE, image), (IMAGE_KEY, key), (MASK_FORMAT, mask_format)):
         if value is not None:
             tensor = grpcclient.InferInput(name, [1], "BYTES")
             tensor.set_data_from_numpy(np.array([value], dtype=object))
@@ -33,7 +35,14 @@ def segment_many(server, prompts, image=None, key=None):
     tensor.set_data_from_numpy(np.array([p.encode() for p in prompts], dtype=object))
     inputs.append(tensor)
     result = grpcclient.InferenceServerClient(server.grpc_url).infer(EVF_SAM_PROMPTS.name, inputs)
-    return result.as_numpy(MASKS), result.as_numpy(SCORES), result.as_numpy(KEY_OUT)[0].decode()
+    masks = result.as_numpy(MASKS) if mask_format in (None, b"raw") else result.as_numpy(MASKS_ENCODED)
+    answer = (masks, result.as_numpy(SCORES), result.as_numpy(KEY_OUT)[0].decode())
+    return answer + (bool(result.as_numpy(CACHE_HIT)[0]),) if with_hit else answer
+
+
+def model_counts(server, model):
+    stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics(model)
+    return int(stats["model_stats"][0]["inference_stats"]["success"]["count"])
 
 
 def cache_counts(server):
@@ -80,17 +89,51 @@ def test_eviction_under_a_tiny_budget(triton_server):
     segment_many(triton_server, ["a"], key=keys[2])  # the newest is still there
 
 
-def test_concurrent_requests_for_the_same_new_image(triton_server):
+def test_concurrent_requests_for_the_same_new_image_encode_it_once(triton_server):
     data = encode(scene(260, 180, seed=13), "PNG")
-    before = cache_counts(triton_server)
+    before, encoder_before = cache_counts(triton_server), model_counts(triton_server, SAM_IMAGE_ENCODER.name)
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: segment_many(triton_server, PROMPT_LIST[:2], image=data), range(4)))
-    after = cache_counts(triton_server)
+    after, encoder_after = cache_counts(triton_server), model_counts(triton_server, SAM_IMAGE_ENCODER.name)
     for masks, scores, key in results[1:]:
         np.testing.assert_array_equal(masks, results[0][0])
         np.testing.assert_array_equal(scores, results[0][1])
-    assert 1 <= after["misses"] - before["misses"] <= 2  # computed once (or correctly twice)
-    assert (after["misses"] - before["misses"]) + (after["hits"] - before["hits"]) == 4
+    assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 3
+    assert encoder_after - encoder_before == 1
+
+
+def test_both_served_models_share_one_cache(triton_server):
+    data = encode(scene(200, 150, seed=14), "JPEG")
+    _, _, _, first_hit = segment_many(triton_server, ["a cat"], image=data, with_hit=True)
+    encoder_before = model_counts(triton_server, SAM_IMAGE_ENCODER.name)
+    mask, score = grpc_segment(triton_server, data, b"a cat")  # evf_sam, same image
+    _, scores, _, second_hit = segment_many(triton_server, ["a cat"], image=data, with_hit=True)
+    assert not first_hit and second_hit
+    assert model_counts(triton_server, SAM_IMAGE_ENCODER.name) == encoder_before  # no encoder run for either
+    assert score == pytest.approx(float(scores[0]), abs=1e-6)
+
+
+@pytest.mark.parametrize("mask_format", [b"rle", b"png"])
+def test_compact_mask_formats_decode_to_the_raw_masks(triton_server, mask_format):
+    data = encode(scene(123, 211, seed=15), "PNG")
+    raw, raw_scores, _ = segment_many(triton_server, PROMPT_LIST, image=data)
+    encoded, scores, _ = segment_many(triton_server, PROMPT_LIST, image=data, mask_format=mask_format)
+    decoded = np.stack([mask_codecs.decode_mask(bytes(item), mask_format.decode()) for item in encoded])
+    np.testing.assert_array_equal(decoded, raw)
+    np.testing.assert_array_equal(scores, raw_scores)
+
+
+def test_output_budget_is_checked_before_any_compute(triton_server, tmp_path):
+    """64 prompts on a 40 MP image would be 2.5 GB of raw masks: refused, naming the numbers."""
+    big = encode(np.zeros((6000, 6600, 3), np.uint8), "PNG")  # 39.6 MP, compresses to ~120 KB
+    encoder_before = model_counts(triton_server, SAM_IMAGE_ENCODER.name)
+    misses_before = cache_counts(triton_server)["misses"]
+    with pytest.raises(InferenceServerException) as info:
+        segment_many(triton_server, ["x"] * 64, image=big)
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "64 prompts x 6600x6000 pixels = 2534400000 mask pixels; the limit for raw masks is 268435456" in info.value.message()
+    assert model_counts(triton_server, SAM_IMAGE_ENCODER.name) == encoder_before
+    assert cache_counts(triton_server)["misses"] == misses_before
 
 
 @pytest.mark.parametrize("kwargs, expected", [
@@ -100,6 +143,7 @@ def test_concurrent_requests_for_the_same_new_image(triton_server):
     ({"prompts": ["fine", "  "], "image": encode(scene(40, 40))}, "prompt 1: prompt is empty"),
     ({"prompts": ["x"] * 65, "image": encode(scene(40, 40))}, "send 1 to 64 prompts, got 65"),
     ({"prompts": ["ok"], "image": b"\x89PNG broken"}, "not a recognised image format"),
+    ({"prompts": ["ok"], "image": encode(scene(40, 40)), "mask_format": b"jpeg"}, "mask_format 'jpeg' is not one of raw, rle, png"),
 ])
 def test_bad_requests(triton_server, kwargs, expected):
     with pytest.raises(InferenceServerException) as info:

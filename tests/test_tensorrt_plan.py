@@ -1,6 +1,7 @@
-"""The TensorRT path without TensorRT: profiles, operator support, the FP16 precision plan (checked on
-ONNX Runtime with FP16 storage emulated), the builder's command line, and the builder's flow against a
-stand-in for the `tensorrt` module (which checks this code, not TensorRT)."""
+"""The TensorRT path without TensorRT: profiles, operator support, the FP16 precision policies (checked
+on ONNX Runtime with FP16 storage emulated), the builder's command line, and the builder's flow against
+a stand-in for the `tensorrt` module (which checks this code, not TensorRT) with ONNX Runtime standing
+in for the engines the accuracy gate runs (tests/test_accuracy_gate.py tests the gate itself)."""
 from __future__ import annotations
 
 import json
@@ -15,10 +16,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from evfsam.specs import BATCH, GRAPHS, GRAPHS_BY_NAME, SAM_IMAGE_ENCODER, TOKENIZER_FILE
+from evfsam.specs import BATCH, GRAPHS, GRAPHS_BY_NAME, ORI, SAM_IMAGE_ENCODER
 from export import tensorrt_build as tb
-from export.precision import (FP16_MAX, PrecisionPlan, add_statistics, compare_fp16, emulate_fp16, format_reports,
-                              keeps_fp32)
+from export.accuracy_gate import OnnxRuntimeRunner
+from export.precision import (ALL_GROUPS, FP16_MAX, FP32_MODULES, NORMALISATION, POLICIES, POLICIES_BY_NAME, SOFTMAX,
+                              PrecisionPlan, PrecisionPolicy, add_statistics, compare_fp16, emulate_fp16,
+                              fallback_ladder, format_reports, keeps_fp32)
 from export.trt_support import TENSORRT_VERSION, unsupported, unsupported_ops
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,26 +33,25 @@ FP16_REL_TOLERANCE = 1e-2  # max |fp16 - fp32| / max |fp32| per output
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from evfsam.checkpoint import load_evf_sam
-    from export.tiny_checkpoint import write_tiny_checkpoint
-
-    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("trt_tiny_checkpoint"))
-    model, config, directory = load_evf_sam(checkpoint)
-    return model, config, directory
+def tiny_model(loaded_model, tiny_checkpoint):
+    model, config = loaded_model
+    return model, config, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def tiny_graphs(tiny_model, tmp_path_factory) -> Path:
-    from evfsam.tokenization import write_tokenizer_json
-    from export.onnx_export import export_graph
+def tiny_graphs(onnx_dir) -> Path:
+    """The tiny EVF-SAM checkpoint's exported graphs (with manifest and tokenizer)."""
+    return onnx_dir
 
-    model, config, directory = tiny_model
-    out = tmp_path_factory.mktemp("trt_tiny_onnx")
-    for spec in GRAPHS:
-        export_graph(model, spec, out, vocab_size=config.beit3.vocab_size)
-    write_tokenizer_json(directory, out / TOKENIZER_FILE)
-    return out
+
+@pytest.fixture(scope="module")
+def graph_and_config(onnx_dir, sam2_onnx_dir, loaded_model, loaded_sam2_model):
+    """graph spec -> (its exported file, the config of the model it came from), for both families."""
+    def find(spec):
+        if spec in ORI.graphs:
+            return onnx_dir / spec.onnx_file, loaded_model[1]
+        return sam2_onnx_dir / spec.onnx_file, loaded_sam2_model[1]
+    return find
 
 
 def sample(spec, config, seed=0, batch=2) -> Dict[str, np.ndarray]:
@@ -66,7 +68,8 @@ def test_profile_covers_spec_axes(spec):
     assert list(profile) == list(spec.input_names)
     for tensor in spec.inputs:
         shapes = profile[tensor.name]
-        assert shapes["min"][0] == spec.axes[BATCH].min and shapes["max"][0] == spec.max_batch_size
+        leading = spec.axes[tensor.shape[0]]  # BATCH, or IMAGES for a decoder's image features
+        assert shapes["min"][0] == leading.min and shapes["max"][0] == leading.max
         for axis, dim in enumerate(tensor.shape):
             low, opt, high = (shapes[p][axis] for p in tb.PROFILE_POINTS)
             assert low <= opt <= high
@@ -80,7 +83,7 @@ def test_profile_covers_spec_axes(spec):
 def tensorrt_repository(tiny_graphs, tmp_path_factory) -> Path:
     pytest.importorskip("serving.repository")
     out = tmp_path_factory.mktemp("trt_repository") / "repo"
-    command = [sys.executable, "-m", "serving.repository", "--flavor", "tensorrt",
+    command = [sys.executable, "-m", "serving.repository", "--flavor", "tensorrt", "--device", "gpu",
                "--onnx-dir", str(tiny_graphs), "--output", str(out)]
     subprocess.run(command, check=True, cwd=REPO_ROOT, capture_output=True, text=True)
     return out
@@ -93,23 +96,25 @@ def read_config(path: Path):
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-@pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", ORI.graphs, ids=lambda s: s.name)
 def test_tensorrt_model_config_agrees_with_profile(tensorrt_repository, spec):
     config = read_config(tensorrt_repository / spec.name / "config.pbtxt")
     profile = tb.optimization_profile(spec)
-    assert config.platform == "tensorrt_plan"
-    assert config.max_batch_size == profile[spec.input_names[0]]["max"][0] == spec.max_batch_size
-    assert max(config.dynamic_batching.preferred_batch_size) <= config.max_batch_size
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == spec.max_batch_size
+    first_axis = 1 if spec.triton_batching else 0  # Triton's batch axis is not in dims
+    if spec.triton_batching:
+        assert config.max_batch_size == profile[spec.input_names[0]]["max"][0]
+        assert max(config.dynamic_batching.preferred_batch_size) <= config.max_batch_size
     assert Path(tb.plan_path(tensorrt_repository, spec)).parent.is_dir()
     for entry in config.input:
         shapes = profile[entry.name]
         expected = [-1 if shapes["min"][axis] != shapes["max"][axis] else shapes["max"][axis]
-                    for axis in range(1, len(shapes["max"]))]
+                    for axis in range(first_axis, len(shapes["max"]))]
         assert list(entry.dims) == expected, entry.name
     for warmup in config.model_warmup:
         for name, tensor in warmup.inputs.items():
             shapes = profile[name]
-            full = [warmup.batch_size] + list(tensor.dims)
+            full = ([warmup.batch_size] if spec.triton_batching else []) + list(tensor.dims)
             assert all(lo <= d <= hi for d, lo, hi in zip(full, shapes["min"], shapes["max"])), name
 
 
@@ -118,8 +123,8 @@ def test_tensorrt_model_config_agrees_with_profile(tensorrt_repository, spec):
 
 
 @pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
-def test_exported_graphs_use_only_supported_operators(tiny_graphs, spec):
-    findings = unsupported_ops(tiny_graphs / spec.onnx_file)
+def test_exported_graphs_use_only_supported_operators(graph_and_config, spec):
+    findings = unsupported_ops(graph_and_config(spec)[0])
     assert not findings, f"not parseable by TensorRT {TENSORRT_VERSION}:\n" + "\n".join(map(str, findings))
 
 
@@ -153,6 +158,23 @@ def test_precision_rule():
     assert keeps_fp32("Sub", "/up/up.1/Sub", norm_scopes={"/up/up.1/"})
     assert not keeps_fp32("MatMul", "/blocks.0/attn/MatMul")
     assert not keeps_fp32("Conv", "/image_encoder/patch_embed/proj/Conv")
+    # each group alone
+    assert not keeps_fp32("Softmax", "/blocks.0/attn/Softmax", groups={NORMALISATION, FP32_MODULES})
+    assert not keeps_fp32("LayerNormalization", "/blocks.0/norm1/LayerNormalization", groups={SOFTMAX})
+    assert not keeps_fp32("Conv", "/image_encoder/neck/neck.0/Conv", groups={NORMALISATION})
+    assert not keeps_fp32("Sub", "/up/up.1/Sub", norm_scopes={"/up/up.1/"}, groups={SOFTMAX, FP32_MODULES})
+
+
+def test_policies_go_from_fastest_to_strictest():
+    assert [p.name for p in POLICIES] == ["fp16", "fp16-prefer-norms", "fp16-obey-norms-softmax", "fp32"]
+    assert [p.name for p in fallback_ladder("fp16-prefer-norms")] == ["fp16-prefer-norms", "fp16-obey-norms-softmax",
+                                                                      "fp32"]
+    assert [p.name for p in fallback_ladder("fp16", fallback=False)] == ["fp16"]
+    assert POLICIES_BY_NAME["fp16-obey-norms-softmax"].pinned == ALL_GROUPS
+    with pytest.raises(ValueError, match="pins nothing"):
+        PrecisionPolicy("bad", False, "obey", frozenset({SOFTMAX}), "")
+    with pytest.raises(ValueError, match="need"):
+        PrecisionPolicy("bad", True, "obey", frozenset(), "")
 
 
 def fp32_ops(path: Path) -> Dict[str, str]:
@@ -201,9 +223,10 @@ def test_emulation_stores_fp16_outside_the_plan_and_fp32_inside():
 
 
 @pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
-def test_fp16_plan_is_finite_and_close_to_fp32(tiny_graphs, tiny_model, spec):
-    inputs = sample(spec, tiny_model[1])
-    report = compare_fp16(tiny_graphs / spec.onnx_file, inputs, graph=spec.name)
+def test_fp16_plan_is_finite_and_close_to_fp32(graph_and_config, spec):
+    path, config = graph_and_config(spec)
+    inputs = sample(spec, config)
+    report = compare_fp16(path, inputs, graph=spec.name)
     print("\n" + format_reports([report]))
     assert report.ok, f"FP16 overflow in {report.first_overflow}"
     assert report.largest_fp16_value < FP16_MAX / 16
@@ -250,10 +273,10 @@ def test_fp16_plan_on_full_size_random_weights(tmp_path_factory):
     checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("trt_full_checkpoint"), size="full")
     model, config, _ = load_evf_sam(checkpoint)
     out = tmp_path_factory.mktemp("trt_full_onnx")
-    paths = {spec.name: export_graph(model, spec, out, vocab_size=config.beit3.vocab_size) for spec in GRAPHS}
+    paths = {spec.name: export_graph(model, spec, out, vocab_size=config.beit3.vocab_size) for spec in ORI.graphs}
     del model
     reports = []
-    for spec in GRAPHS:
+    for spec in ORI.graphs:
         inputs = sample(spec, config, batch=1)
         reports.append(compare_fp16(paths[spec.name], inputs, graph=spec.name, threads=2))
         reports.append(compare_fp16(paths[spec.name], inputs, PrecisionPlan.unprotected(), spec.name, threads=2))
@@ -288,18 +311,25 @@ def test_builder_exits_2_on_missing_onnx(tmp_path):
     assert SAM_IMAGE_ENCODER.onnx_file in result.stderr
 
 
-def test_print_trtexec_uses_the_profile_and_the_plan(tiny_graphs, tmp_path):
+def test_print_trtexec_uses_the_profile_and_the_policy(tiny_graphs, tmp_path):
     spec = GRAPHS_BY_NAME["beit3_fusion_encoder"]
-    result = run_builder("--onnx-dir", str(tiny_graphs), "--repository", str(tmp_path),
-                         "--graphs", spec.name, "--print-trtexec")
-    assert result.returncode == 0, result.stderr
+    args = ["--onnx-dir", str(tiny_graphs), "--repository", str(tmp_path), "--graphs", spec.name, "--print-trtexec"]
+    strict = run_builder(*args, "--precision-policy", "fp16-obey-norms-softmax")
+    assert strict.returncode == 0, strict.stderr
     shapes = spec.profile_shapes("max")
     expected = ",".join(f"{name}:{'x'.join(map(str, shapes[name]))}" for name in spec.input_names)
-    assert f"--maxShapes={expected}" in result.stdout
+    assert f"--maxShapes={expected}" in strict.stdout
     layer_norms = [n for n, op in fp32_ops(tiny_graphs / spec.onnx_file).items() if op == "LayerNormalization"]
-    assert layer_norms and f"{layer_norms[0]}:fp32" in result.stdout
-    assert "--precisionConstraints=obey" in result.stdout
-    assert "Constant" not in result.stdout.split("--layerPrecisions=")[1]
+    softmaxes = [n for n, op in fp32_ops(tiny_graphs / spec.onnx_file).items() if op == "Softmax"]
+    pins = strict.stdout.split("--layerPrecisions=")[1].split()[0]
+    assert f"{layer_norms[0]}:fp32" in pins and f"{softmaxes[0]}:fp32" in pins and "Constant" not in pins
+    assert f"--layerOutputTypes={pins}" in strict.stdout
+    assert "--precisionConstraints=obey" in strict.stdout and "--fp16" in strict.stdout
+    fastest = run_builder(*args)
+    assert "--fp16" in fastest.stdout and "--precisionConstraints=none" in fastest.stdout
+    assert "--layerPrecisions" not in fastest.stdout and "not accuracy-gated" in fastest.stderr
+    fp32 = run_builder(*args, "--fp32")
+    assert "--fp16" not in fp32.stdout and "--noTF32" in fp32.stdout
 
 
 def test_onnx_node_of_layer():
@@ -361,10 +391,12 @@ def fake_tensorrt(parse_error: str = "", build_error: str = "") -> types.ModuleT
     trt.float32, trt.float16, trt.int64 = "float32", "float16", "int64"
     trt.LayerType = types.SimpleNamespace(NORMALIZATION="NORMALIZATION", SOFTMAX="SOFTMAX", CONSTANT="CONSTANT")
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY")
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY",
+                                            PREFER_PRECISION_CONSTRAINTS="PREFER", TF32="TF32")
+    trt.ProfilingVerbosity = types.SimpleNamespace(DETAILED="DETAILED")
     trt.ILogger = type("ILogger", (), {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3,
                                        "__init__": lambda self: None})
-    trt.built = {}
+    trt.built, trt.builds = {}, []
 
     class Parser:
         def __init__(self, network, logger):
@@ -391,7 +423,8 @@ def fake_tensorrt(parse_error: str = "", build_error: str = "") -> types.ModuleT
 
     class Config:
         def __init__(self):
-            self.flags, self.profiles = set(), []
+            self.flags, self.profiles = {"TF32"}, []  # TensorRT sets TF32 by default
+            self.profiling_verbosity = None
 
         def set_memory_pool_limit(self, pool, size):
             self.workspace = size
@@ -401,6 +434,9 @@ def fake_tensorrt(parse_error: str = "", build_error: str = "") -> types.ModuleT
 
         def set_flag(self, flag):
             self.flags.add(flag)
+
+        def clear_flag(self, flag):
+            self.flags.discard(flag)
 
         def create_timing_cache(self, blob):
             return types.SimpleNamespace(serialize=lambda: blob + b"+timing")
@@ -430,6 +466,7 @@ def fake_tensorrt(parse_error: str = "", build_error: str = "") -> types.ModuleT
                 self.logger.log(trt.ILogger.ERROR, build_error)
                 return None
             trt.built.update(network=network, config=config, profile=dict(profile_shapes))
+            trt.builds.append(dict(trt.built))
             return b"plan-bytes"
 
     profile_shapes: Dict[str, tuple] = {}
@@ -437,8 +474,21 @@ def fake_tensorrt(parse_error: str = "", build_error: str = "") -> types.ModuleT
     return trt
 
 
-def build_with(monkeypatch, trt, tiny_graphs, tmp_path, *extra) -> int:
+def faithful(graphs: Path):
+    """Engines that compute exactly the ONNX graph: the gate passes them."""
+    return lambda trt, plan: OnnxRuntimeRunner(graphs / GRAPHS_BY_NAME[trt.built["graph"]].onnx_file, label="faithful")
+
+
+def build_with(monkeypatch, trt, tiny_graphs, tmp_path, *extra, runner=None) -> int:
     monkeypatch.setattr(tb, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(tb, "engine_runner", runner or faithful(tiny_graphs))
+    real_build = tb.build_engine
+
+    def build_engine(trt_module, spec, onnx_path, options, policy):
+        trt.built["graph"] = spec.name
+        return real_build(trt_module, spec, onnx_path, options, policy)
+
+    monkeypatch.setattr(tb, "build_engine", build_engine)
     return tb.main(["--onnx-dir", str(tiny_graphs), "--repository", str(tmp_path / "repo"),
                     "--timing-cache", str(tmp_path / "timing.cache"), *extra])
 
@@ -452,35 +502,129 @@ def test_builder_writes_plan_metadata_and_timing_cache(monkeypatch, tiny_graphs,
     assert tb.plan_path(repo, SAM_IMAGE_ENCODER).read_bytes() == b"plan-bytes"
     metadata = json.loads(tb.metadata_path(repo, SAM_IMAGE_ENCODER).read_text())
     assert metadata["tensorrt_version"] == TENSORRT_VERSION and metadata["precision"] == "fp16"
+    assert metadata["precision_policy"]["name"] == "fp16" and len(metadata["attempts"]) == 1
     assert metadata["max_batch_size"] == SAM_IMAGE_ENCODER.max_batch_size
     assert metadata["onnx"]["sha256"] == file_digest(tiny_graphs / SAM_IMAGE_ENCODER.onnx_file)
     profile = tb.optimization_profile(SAM_IMAGE_ENCODER)
     assert metadata["profile"] == {n: {k: list(v) for k, v in s.items()} for n, s in profile.items()}
     assert trt.built["profile"] == {n: tuple(s[p] for p in tb.PROFILE_POINTS) for n, s in profile.items()}
-    assert trt.built["config"].flags == {"FP16", "OBEY"}
+    assert trt.built["config"].flags == {"FP16", "TF32"} and trt.built["config"].profiling_verbosity == "DETAILED"
     assert (tmp_path / "timing.cache").read_bytes() == b"+timing"
+    accuracy = metadata["accuracy"]
+    assert accuracy["passed"] and accuracy["engine"] == "faithful" and "onnxruntime" in accuracy["reference"]
+    assert {c["case"] for c in accuracy["checks"]} == {"sample.jpg|4 prompts", "sample.jpg|1 prompt padded to 128"}
 
 
-def test_builder_pins_the_precision_plan(monkeypatch, tiny_graphs, tmp_path):
+def pinning_graph() -> onnx.ModelProto:
+    """A hand-made graph with one node of every kind the policies treat differently."""
+    f = TensorProto.FLOAT
+    weights = [helper.make_tensor(name, f, [8, 8], np.eye(8, dtype=np.float32).ravel().tolist())
+               for name in ("w_q", "w_v", "w_neck")]
+    weights += [helper.make_tensor("ln_scale", f, [8], [1.0] * 8), helper.make_tensor("ln_bias", f, [8], [0.0] * 8),
+                helper.make_tensor("axes", TensorProto.INT64, [1], [-1]), helper.make_tensor("eps", f, [], [1e-6])]
+    node = helper.make_node
+    nodes = [
+        node("LayerNormalization", ["x", "ln_scale", "ln_bias"], ["n"], name="/blocks.0/norm1/LayerNormalization"),
+        node("MatMul", ["n", "w_q"], ["q"], name="/blocks.0/attn/MatMul"),
+        node("Softmax", ["q"], ["p"], name="/blocks.0/attn/Softmax", axis=-1),
+        node("MatMul", ["p", "w_v"], ["a"], name="/blocks.0/attn/MatMul_1"),
+        node("Relu", ["a"], ["r"], name="/blocks.0/mlp/act/Relu"),
+        node("MatMul", ["r", "w_neck"], ["c"], name="/neck/neck.0/MatMul"),
+        node("Shape", ["c"], ["c_shape"], name="/neck/neck.0/Shape"),
+        # SAM's LayerNorm2d as exported: mean / pow / sqrt make the whole scope a normalisation
+        node("ReduceMean", ["c", "axes"], ["u"], name="/up/up.1/ReduceMean"),
+        node("Sub", ["c", "u"], ["d"], name="/up/up.1/Sub"),
+        node("Constant", [], ["two"], name="/up/up.1/Constant", value=helper.make_tensor("two", f, [], [2.0])),
+        node("Pow", ["d", "two"], ["d2"], name="/up/up.1/Pow"),
+        node("ReduceMean", ["d2", "axes"], ["v"], name="/up/up.1/ReduceMean_1"),
+        node("Add", ["v", "eps"], ["ve"], name="/up/up.1/Add"),
+        node("Sqrt", ["ve"], ["s"], name="/up/up.1/Sqrt"),
+        node("Div", ["d", "s"], ["y"], name="/up/up.1/Div"),
+        node("Add", ["y", "r"], ["out"], name="/head/Add"),
+    ]
+    graph = helper.make_graph(nodes, "pinning", [helper.make_tensor_value_info("x", f, [2, 8])],
+                              [helper.make_tensor_value_info("out", f, [2, 8]),
+                               helper.make_tensor_value_info("c_shape", TensorProto.INT64, [2])], initializer=weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+# Written out by hand from the rule in export/precision.py's docstring, not computed by it.
+NORMALISATION_LAYERS = {
+    "/blocks.0/norm1/LayerNormalization", "/blocks.0/norm1/LayerNormalization_1",  # its helper layer too
+    "/up/up.1/ReduceMean", "/up/up.1/Sub", "/up/up.1/Pow", "/up/up.1/ReduceMean_1", "/up/up.1/Add",
+    "/up/up.1/Sqrt", "/up/up.1/Div",
+}
+NECK_LAYERS = {"/neck/neck.0/MatMul"}  # not its Shape: an int64 output has no precision
+EXPECTED_PINS = {
+    "fp16": (set(), {"FP16", "TF32"}),
+    "fp16-prefer-norms": (NORMALISATION_LAYERS | NECK_LAYERS, {"FP16", "TF32", "PREFER"}),
+    "fp16-obey-norms-softmax": (NORMALISATION_LAYERS | NECK_LAYERS | {"/blocks.0/attn/Softmax"}, {"FP16", "TF32", "OBEY"}),
+    "fp32": (set(), set()),
+}
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p.name)
+def test_builder_pins_the_layers_of_the_policy(tmp_path, policy):
+    onnx_path = tmp_path / "pinning.onnx"
+    onnx.save(pinning_graph(), str(onnx_path))
+    spec = types.SimpleNamespace(name="pinning", input_names=("x",), output_names=("out", "c_shape"),
+                                 profile_shapes=lambda which: {"x": (2, 8)}, axes={})
     trt = fake_tensorrt()
-    assert build_with(monkeypatch, trt, tiny_graphs, tmp_path, "--graphs", SAM_IMAGE_ENCODER.name) == 0
-    plan = PrecisionPlan.for_model(onnx.load(str(tiny_graphs / SAM_IMAGE_ENCODER.onnx_file)))
-    for layer in trt.built["network"].layers:
-        node = tb.onnx_node_of(layer.name, layer.metadata, plan.fp32_nodes)
-        should_pin = (node is not None and plan.keeps_fp32(node)) and layer.get_output(0).dtype == "float32"
-        assert (layer.precision == "float32") == should_pin, layer.name
-        assert (layer.output_types == {0: "float32"}) == should_pin, layer.name
-    helpers = [layer for layer in trt.built["network"].layers if layer.type == "SHUFFLE"]
-    assert helpers and all(layer.precision == "float32" for layer in helpers)
-    metadata = json.loads(tb.metadata_path(tmp_path / "repo", SAM_IMAGE_ENCODER).read_text())
-    assert set(metadata["fp32_layers"]) == {l.name for l in trt.built["network"].layers if l.precision}
+    engine = tb.build_engine(trt, spec, onnx_path, tb.BuildOptions(), policy)
+    pinned, flags = EXPECTED_PINS[policy.name]
+    layers = trt.built["network"].layers
+    assert {layer.name for layer in layers if layer.precision == "float32"} == pinned
+    assert {layer.name for layer in layers if layer.output_types == {0: "float32"}} == pinned
+    assert set(engine.fp32_layers) == pinned
+    assert trt.built["config"].flags == flags
 
 
-def test_builder_fp32_pins_nothing(monkeypatch, tiny_graphs, tmp_path):
+def test_builder_falls_back_to_a_stricter_policy_when_the_gate_rejects_the_engine(monkeypatch, tiny_graphs, tmp_path):
+    decoder = GRAPHS_BY_NAME["prompt_mask_decoder"]
+    engines = iter([OnnxRuntimeRunner(noisy_decoder(tiny_graphs, tmp_path), label="noisy"),
+                    OnnxRuntimeRunner(tiny_graphs / decoder.onnx_file, label="faithful")])
+    trt = fake_tensorrt()
+    status = build_with(monkeypatch, trt, tiny_graphs, tmp_path, "--graphs", decoder.name,
+                        runner=lambda trt_module, plan: next(engines))
+    assert status == 0
+    metadata = json.loads(tb.metadata_path(tmp_path / "repo", decoder).read_text())
+    first, second = metadata["attempts"]
+    assert first["policy"] == "fp16" and not first["passed"] and "'low_res_masks'" in first["failure"]
+    assert second["policy"] == "fp16-prefer-norms" and second["passed"] and second["failure"] is None
+    assert metadata["precision_policy"]["name"] == "fp16-prefer-norms" and metadata["fp32_layers"]
+    assert [b["config"].flags for b in trt.builds] == [{"FP16", "TF32"}, {"FP16", "TF32", "PREFER"}]
+    masks = [c for c in metadata["accuracy"]["checks"] if c["output"] == "low_res_masks"]
+    assert masks and all(c["mask_iou"] == 1.0 for c in masks)
+
+
+def noisy_decoder(graphs: Path, tmp_path: Path) -> Path:
+    from tests.test_accuracy_gate import perturbed_graph
+
+    noise = np.random.default_rng(0).normal(0, 1.0, (1, 1, 256, 256))
+    return perturbed_graph(graphs / "prompt_mask_decoder.onnx", "low_res_masks", noise, tmp_path / "noisy")
+
+
+@pytest.mark.parametrize("extra", [(), ("--no-fallback",)], ids=["every-policy", "no-fallback"])
+def test_builder_writes_no_plan_when_no_policy_passes(monkeypatch, tiny_graphs, tmp_path, capsys, extra):
+    decoder = GRAPHS_BY_NAME["prompt_mask_decoder"]
+    noisy = noisy_decoder(tiny_graphs, tmp_path)
+    trt = fake_tensorrt()
+    status = build_with(monkeypatch, trt, tiny_graphs, tmp_path, "--graphs", decoder.name, *extra,
+                        runner=lambda trt_module, plan: OnnxRuntimeRunner(noisy, label="noisy"))
+    assert status == tb.EXIT_ACCURACY == 4
+    error = capsys.readouterr().err
+    assert "prompt_mask_decoder" in error and "'low_res_masks'" in error and "x over" in error
+    assert len(trt.builds) == (1 if extra else len(POLICIES))
+    assert not tb.plan_path(tmp_path / "repo", decoder).exists()
+
+
+def test_builder_fp32_pins_nothing_and_disables_tf32(monkeypatch, tiny_graphs, tmp_path):
     trt = fake_tensorrt()
     assert build_with(monkeypatch, trt, tiny_graphs, tmp_path, "--graphs", SAM_IMAGE_ENCODER.name, "--fp32") == 0
     assert not trt.built["config"].flags
     assert not any(layer.precision for layer in trt.built["network"].layers)
+    metadata = json.loads(tb.metadata_path(tmp_path / "repo", SAM_IMAGE_ENCODER).read_text())
+    assert metadata["precision"] == "fp32" and metadata["precision_policy"]["name"] == "fp32"
 
 
 @pytest.mark.parametrize("failure", ["parse", "build"])
@@ -490,3 +634,25 @@ def test_builder_failure_exits_1_with_tensorrt_message(monkeypatch, tiny_graphs,
     assert build_with(monkeypatch, trt, tiny_graphs, tmp_path) == tb.EXIT_BUILD_FAILED
     assert message in capsys.readouterr().err
     assert not tb.plan_path(tmp_path / "repo", SAM_IMAGE_ENCODER).exists()
+
+
+def test_cuda_runtime_round_trip_or_cuda_error():
+    """The TensorRT runner's device memory: a real round trip where a GPU is visible, else CUDA's
+    own error message as a CudaError (never a silent zero)."""
+    from export.trt_runner import CudaError, CudaRuntime
+
+    try:
+        cuda = CudaRuntime()
+    except CudaError as exc:
+        pytest.skip(str(exc))
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    try:
+        pointer = cuda.malloc(data.nbytes)
+    except CudaError as exc:
+        assert "cudaMalloc(48) failed with CUDA error" in str(exc)
+        return
+    back = np.full_like(data, np.nan)
+    cuda.to_device(pointer, data)
+    cuda.to_host(back, pointer)
+    cuda.free(pointer)
+    np.testing.assert_array_equal(back, data)
