@@ -34,7 +34,7 @@ JPEG_QUALITY_RANGE = (75, 95)
 @dataclass
 class Batch:
     """S scenes, M prompts; the first K prompts (all of scene 0) also go through the mask decoder, and
-    scene 0 through the image encoder when K > 0."""
+    scene 0 through the image encoder when K > 0 (or when asked for)."""
 
     sam_image: Optional[torch.Tensor]  # [1, 3, 1024, 1024]: scene 0
     cell_labels: Optional[torch.Tensor]  # [3, 64, 64] int64: attribute index + 1 per image-embedding cell, 0 = none
@@ -48,6 +48,7 @@ class Batch:
     target_centres: torch.Tensor  # [M, 2]: the target object's centre (x, y) / (width, height); 0 for a region
     has_object: torch.Tensor  # [M] bool: the prompt names one object
     masks: Optional[torch.Tensor]  # [K, 256, 256]: the fraction of each low-res cell the target covers
+    cell_masks: Optional[torch.Tensor]  # [P, 64, 64]: the same per image-embedding cell, scene 0's P prompts
     kinds: List[str]  # [M] expression types
 
     @property
@@ -68,9 +69,11 @@ class Tokenize:
         return self.cache[text]
 
 
-def make_batch(rng: np.random.Generator, tokenize: Tokenize, scenes: int, prompts_per_scene: int, decoded: int) -> Batch:
+def make_batch(rng: np.random.Generator, tokenize: Tokenize, scenes: int, prompts_per_scene: int, decoded: int,
+               image: bool = False) -> Batch:
     """`scenes` new scenes, `prompts_per_scene` expressions of each (types as even as the scene allows);
-    the first `decoded` of scene 0 are the ones the mask decoder sees."""
+    the first `decoded` of scene 0 are the ones the mask decoder sees.  Scene 0's SAM view (and its
+    per-cell labels) comes with the batch when `decoded` > 0 or `image`."""
     views, prompts, owner = [], [], []
     for index in range(scenes):
         scene = random_scene(rng)
@@ -79,12 +82,15 @@ def make_batch(rng: np.random.Generator, tokenize: Tokenize, scenes: int, prompt
         views.append((scene, rgb))
         prompts += chosen
         owner += [index] * len(chosen)
-    sam_image = cell_labels = masks = None
-    if decoded:
+    sam_image = cell_labels = masks = cell_masks = None
+    if decoded or image:
         scene, rgb = views[0]
         sam, resized = sam_view(rgb)
         sam_image = torch.from_numpy(sam)[None]
         cell_labels = torch.from_numpy(attribute_map(scene, lambda m: frame_coverage(m, resized, SAM_EMBEDDING_SIZE)))
+        cell_masks = torch.from_numpy(np.stack([frame_coverage(e.mask, resized, SAM_EMBEDDING_SIZE)
+                                                for e, i in zip(prompts, owner) if i == 0]))
+    if decoded:
         masks = torch.from_numpy(np.stack([frame_coverage(e.mask, resized, LOW_RES_MASK_SIZE) for e in prompts[:decoded]]))
     input_ids, attention = pad_batch([tokenize(e.text) for e in prompts])
     return Batch(
@@ -100,6 +106,7 @@ def make_batch(rng: np.random.Generator, tokenize: Tokenize, scenes: int, prompt
         target_centres=torch.tensor([object_centre(e.target, views[i][0]) for e, i in zip(prompts, owner)]),
         has_object=torch.tensor([e.target is not None for e in prompts]),
         masks=masks,
+        cell_masks=cell_masks,
         kinds=[e.kind for e in prompts],
     )
 

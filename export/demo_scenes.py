@@ -44,9 +44,9 @@ SHAPE_PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangle
 TEXTURES = ("solid", "striped", "dotted")
 BACKGROUNDS = ("flat", "gradient", "noise", "checkered")
 
-IMAGE_SIDE_RANGE = (320, 640)  # width and height drawn independently
-OBJECT_COUNT_RANGE = (2, 5)
-RADIUS_RANGE = (0.07, 0.2)  # circumradius, as a fraction of the image's shorter side
+IMAGE_SIDE_RANGE = (256, 448)  # width and height drawn independently
+OBJECT_COUNT_RANGE = (2, 4)
+RADIUS_RANGE = (0.11, 0.22)  # circumradius, as a fraction of the image's shorter side
 GAP = 0.03  # minimum free space between two objects' circumcircles, fraction of the shorter side
 PLACEMENT_TRIES = 200
 POSITION_MARGIN = 0.1  # fraction of the image side between the extreme object and the next

@@ -66,40 +66,29 @@ DEFAULT_OUTPUT = Path("assets/demo-checkpoint")
 SPM_VOCAB = 96  # an upper bound: the trainer keeps fewer pieces on this small vocabulary
 # Windowed attention in both blocks: a global block over 64x64 tokens would double the encoder's cost.
 SAM_IMAGE_ENCODER = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": []}
-BEIT3 = {"embed_dim": 128, "layers": 4, "attention_heads": 4, "ffn_embed_dim": 256, "patch_size": BEIT3_PATCH_SIZE}
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    steps: int
-    scenes: int  # per step
-    prompts_per_scene: int
-    decoded: int  # prompts of scene 0 through the mask decoder
+BEIT3 = {"embed_dim": 128, "layers": 3, "attention_heads": 4, "ffn_embed_dim": 256, "patch_size": BEIT3_PATCH_SIZE}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    grounding_steps: int = 600
-    end_to_end_steps: int = 900
-    peak_lr: float = 8e-4
+    grounding_steps: int = 400  # BEiT-3 + MLP + the training-only heads, no mask decoder
+    steps: int = 800  # end to end
+    prompts: int = 8  # per scene and step
+    grounding_scenes: int = 4  # per grounding step
+    scenes: int = 2  # per end-to-end step: scene 0's prompts through the mask decoder, all through the heads
+    peak_lr: float = 1e-3
     final_lr_fraction: float = 0.05
-    warmup_steps: int = 40
+    warmup_steps: int = 30
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     bce_weight: float = 2.0
-    dice_weight: float = 0.5
+    dice_weight: float = 1.0
     iou_weight: float = 1.0
     auxiliary_weight: float = 1.0
     seed: int = 0
     threads: int = 2
     held_out_scenes: int = 40
-    bfloat16: bool = True  # autocast: ~1.5x faster here (AVX512-BF16); the weights stay fp32
-
-    @property
-    def stages(self) -> Tuple[Stage, Stage]:
-        return (Stage("grounding", self.grounding_steps, scenes=4, prompts_per_scene=8, decoded=0),
-                Stage("end-to-end", self.end_to_end_steps, scenes=1, prompts_per_scene=12, decoded=4))
+    bfloat16: bool = True  # autocast: ~2x faster here (AVX512-BF16); the weights stay fp32
 
 
 # ------------------------------------------------------------------------------------ checkpoint
@@ -167,6 +156,7 @@ class AuxiliaryHeads(torch.nn.Module):
         self.cells = torch.nn.Conv2d(SAM_EMBEDDING_DIM, sum(self.classes), kernel_size=1)
         self.patches = torch.nn.Linear(beit3_dim, sum(self.classes) + 1)
         self.prompt = torch.nn.Linear(SAM_EMBEDDING_DIM, sum(self.classes) + 2 + PATCH_GRID * PATCH_GRID)
+        self.match = torch.nn.Linear(SAM_EMBEDDING_DIM, SAM_EMBEDDING_DIM)
 
 
 @dataclass
@@ -180,7 +170,7 @@ class Outputs:
 
 def forward(model: EvfSamModel, batch: Batch) -> Outputs:
     """The served graphs in sequence: `encode_image`, `encode_prompt` (+ its patch tokens), `decode_masks`."""
-    embeddings = model.encode_image(batch.sam_image) if batch.decoded else None
+    embeddings = model.encode_image(batch.sam_image) if batch.sam_image is not None else None
     captured = []
     hook = model.mm_extractor.beit3.register_forward_hook(lambda _module, _inputs, out: captured.append(out))
     try:
@@ -222,6 +212,11 @@ def auxiliary_losses(out: Outputs, batch: Batch, heads: AuxiliaryHeads) -> Dict[
     if out.image_embeddings is not None:
         cells = heads.cells(out.image_embeddings)[0].flatten(1).T  # [4096, C]
         terms["cells"] = attribute_loss(cells, batch.cell_labels.flatten(1).T, heads.classes)
+        # The decoder's last step in miniature: the prompt embedding, mapped, dotted with every cell.
+        query = heads.match(out.text[batch.owner == 0, 0])  # [P, 256]
+        match = torch.einsum("pc,chw->phw", query, out.image_embeddings[0]).float() / SAM_EMBEDDING_DIM**0.5
+        terms["match"] = (F.binary_cross_entropy_with_logits(match, batch.cell_masks)
+                          + dice_loss(match, batch.cell_masks))
     patch_out = heads.patches(out.patches).float()  # [M, 49, C + 1]
     patch_labels = batch.patch_labels[batch.owner].flatten(2).transpose(1, 2).reshape(-1, len(ATTRIBUTES))
     patch_loss = attribute_loss(patch_out[..., :classes].reshape(-1, classes), patch_labels, heads.classes)
@@ -256,7 +251,7 @@ def mask_losses(out: Outputs, batch: Batch) -> Dict[str, torch.Tensor]:
         union = (predicted | truth).flatten(1).sum(1).float()
         actual_iou = torch.where(union > 0, (predicted & truth).flatten(1).sum(1).float() / union.clamp(min=1), 1.0)
     return {"bce": bce, "dice": dice_loss(logits, targets), "iou_mse": F.mse_loss(out.iou.float(), actual_iou),
-            "train_iou": actual_iou.mean()}
+            "train_iou": actual_iou.mean(), "per_prompt_iou": actual_iou}
 
 
 def step_losses(out: Outputs, batch: Batch, heads: AuxiliaryHeads, cfg: TrainConfig) -> Dict[str, torch.Tensor]:
@@ -271,7 +266,7 @@ def step_losses(out: Outputs, batch: Batch, heads: AuxiliaryHeads, cfg: TrainCon
 
 
 def learning_rate(step: int, steps: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine down to final_lr_fraction of the peak (each stage on its own)."""
+    """Linear warm-up, then cosine down to final_lr_fraction of the peak."""
     if step < cfg.warmup_steps:
         return cfg.peak_lr * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(steps - cfg.warmup_steps, 1)
@@ -279,40 +274,54 @@ def learning_rate(step: int, steps: int, cfg: TrainConfig) -> float:
     return floor + (cfg.peak_lr - floor) * 0.5 * (1 + np.cos(np.pi * progress))
 
 
-def train(model: EvfSamModel, tokenize: Tokenize, cfg: TrainConfig) -> List[dict]:
-    """Both stages, a fresh AdamW each; one log row per step."""
-    rng = np.random.default_rng([cfg.seed, 1])  # held-out scenes come from another seed
+def step_batch(cfg: TrainConfig, step: int, tokenize: Tokenize) -> Batch:
+    """Step `step`'s scenes and prompts (grounding steps first): drawn from their own seed, so any step
+    can be replayed alone (held-out scenes come from another seed)."""
+    rng = np.random.default_rng([cfg.seed, 1, step])
+    if step < cfg.grounding_steps:
+        return make_batch(rng, tokenize, cfg.grounding_scenes, cfg.prompts, 0, image=True)
+    return make_batch(rng, tokenize, cfg.scenes, cfg.prompts, cfg.prompts)
+
+
+def train(model: EvfSamModel, tokenize: Tokenize, cfg: TrainConfig, log=print) -> List[dict]:
+    """One AdamW run over cfg.steps steps; one log row per step."""
     heads = AuxiliaryHeads(model.mm_extractor.beit3.cfg.embed_dim)
     parameters = list(model.parameters()) + list(heads.parameters())
     model.train()
     rows: List[dict] = []
     started = time.perf_counter()
-    for stage in cfg.stages:
-        optimizer = torch.optim.AdamW(parameters, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
-        for step in range(stage.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, stage.steps, cfg)
-            batch = make_batch(rng, tokenize, stage.scenes, stage.prompts_per_scene, stage.decoded)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bfloat16):
-                terms = step_losses(forward(model, batch), batch, heads, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
-            optimizer.step()
-            rows.append({"stage": stage.name, "step": len(rows), "lr": optimizer.param_groups[0]["lr"],
-                         "grad_norm": float(grad_norm), **{k: float(v.detach()) for k, v in terms.items()},
-                         "seconds": time.perf_counter() - started})
-            if step % 25 == 0 or step == stage.steps - 1:
-                _print_progress(stage, step, rows)
+    total = cfg.grounding_steps + cfg.steps
+    for step in range(total):
+        stage_start, stage_steps = (0, cfg.grounding_steps) if step < cfg.grounding_steps else (cfg.grounding_steps, cfg.steps)
+        if step == stage_start:  # a fresh AdamW per stage
+            optimizer = torch.optim.AdamW(parameters, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step - stage_start, stage_steps, cfg)
+        batch = step_batch(cfg, step, tokenize)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bfloat16):
+            out = forward(model, batch)
+            terms = step_losses(out, batch, heads, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
+        optimizer.step()
+        per_prompt = terms.pop("per_prompt_iou", torch.zeros(0))
+        row = {"stage": "grounding" if step < cfg.grounding_steps else "end-to-end", "step": step, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+               **{k: float(v.detach()) for k, v in terms.items()}, "seconds": time.perf_counter() - started}
+        for kind, iou in zip(batch.kinds, per_prompt.tolist()):
+            row.setdefault(f"iou_{kind}", []).append(iou)
+        rows.append({k: (float(np.mean(v)) if isinstance(v, list) else v) for k, v in row.items()})
+        if step % 25 == 0 or step == total - 1:
+            _print_progress(step, total, rows, log)
     model.eval()
     return rows
 
 
-def _print_progress(stage: Stage, step: int, rows: Sequence[dict]) -> None:
+def _print_progress(step: int, steps: int, rows: Sequence[dict], log) -> None:
     recent = rows[-min(25, step + 1):]
-    shown = "  ".join(f"{k} {np.mean([r[k] for r in recent]):.3f}" for k in recent[-1]
-                      if k not in ("stage", "step", "lr", "grad_norm", "seconds"))
-    print(f"{stage.name} {step:4d}/{stage.steps}  {shown}  {rows[-1]['seconds']:.0f} s", flush=True)
+    keys = list(dict.fromkeys(k for r in recent for k in r if k not in ("stage", "step", "lr", "grad_norm", "seconds")))
+    shown = "  ".join(f"{k} {np.nanmean([r.get(k, np.nan) for r in recent]):.3f}" for k in keys)
+    log(f"{rows[-1]['stage']} step {step:4d}/{steps}  {shown}  {rows[-1]['seconds']:.0f} s")
 
 
 # ------------------------------------------------------------------------------------- evaluation
@@ -370,13 +379,9 @@ def plot_losses(rows: Sequence[dict], path: Path, window: int = 25) -> None:
             axis.plot(steps[window - 1:], np.convolve(values, np.ones(window) / window, mode="valid"), **style)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for key in ("cells", "patches", "prompt", "bce", "dice", "iou_mse"):
+    for key in ("cells", "patches", "prompt", "match", "bce", "dice", "iou_mse"):
         curve(left, key, label=key)
     curve(right, "train_iou")
-    boundary = next((r["step"] for r in rows if r["stage"] != rows[0]["stage"]), None)
-    for axis in (left, right):
-        if boundary is not None:
-            axis.axvline(boundary, color="grey", linestyle=":", label="end-to-end stage starts")
     left.set(xlabel="step", ylabel=f"loss (mean of {window} steps)", yscale="log", title="training losses")
     left.legend(fontsize=8)
     right.set(xlabel="step", ylabel="IoU at 256x256", ylim=(0, 1), title="training-batch mask IoU")
@@ -406,13 +411,11 @@ def machine() -> str:
 
 
 def write_report(out_dir: Path, cfg: TrainConfig, scores_fp32, scores_fp16, seconds: float, command: str) -> None:
-    summary = {"config": asdict(cfg), "stages": [asdict(s) for s in cfg.stages], "model": demo_config(0),
+    summary = {"config": asdict(cfg), "model": demo_config(0),
                "machine": machine(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                "git_commit": git_commit(), "command": command, "wall_seconds": round(seconds, 1),
                "held_out": {"float32": scores_fp32, "float16_checkpoint": scores_fp16}}
     (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
-    stages = "; ".join(f"{s.name}: {s.steps} steps x {s.scenes} scene(s) x {s.prompts_per_scene} prompts, "
-                       f"{s.decoded} through the decoder" for s in cfg.stages)
     lines = [
         "# Demo checkpoint: how it was trained",
         "",
@@ -426,7 +429,7 @@ def write_report(out_dir: Path, cfg: TrainConfig, scores_fp32, scores_fp16, seco
         f"- date: {summary['date']}",
         f"- git commit: {summary['git_commit']}",
         f"- wall time of the command: {seconds / 60:.1f} min ({cfg.threads} torch threads)",
-        f"- stages: {stages}",
+        f"- training: {cfg.steps} steps of one generated scene x {cfg.prompts} expressions, all through the mask decoder",
         f"- sizes: SAM image encoder {SAM_IMAGE_ENCODER}; BEiT-3 {BEIT3}; prompt encoder and mask decoder at SAM's sizes",
         f"- optimiser: AdamW (peak lr {cfg.peak_lr}, weight decay {cfg.weight_decay}, {cfg.warmup_steps} warm-up steps, "
         f"cosine to {cfg.final_lr_fraction} x peak, gradient norm clipped at {cfg.grad_clip}), bfloat16 autocast",
@@ -463,7 +466,7 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, TrainConfig]:
     parser = argparse.ArgumentParser(prog="python -m export.train_demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
-    tunable = ("grounding_steps", "end_to_end_steps", "threads", "seed", "held_out_scenes")
+    tunable = ("grounding_steps", "steps", "prompts", "threads", "seed", "held_out_scenes")
     for field in fields(TrainConfig):
         if field.name in tunable:
             parser.add_argument("--" + field.name.replace("_", "-"), type=int, default=field.default)
