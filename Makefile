@@ -10,7 +10,7 @@ BUILD ?= build
 # scene it was not trained on, with the ground truth of the default prompt.
 DEMO_CHECKPOINT := assets/demo-checkpoint
 DEMO_IMAGE := assets/demo_scene.png
-DEMO_PROMPT := the striped square
+DEMO_PROMPT := the red triangle
 CHECKPOINT ?= $(DEMO_CHECKPOINT)
 ONNX_DIR ?= $(BUILD)/onnx
 REPO_DIR ?= $(BUILD)/model_repository

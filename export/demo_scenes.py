@@ -374,7 +374,7 @@ def held_out_scenes(count: int, seed: int = HELD_OUT_SEED) -> List[HeldOutScene]
 
 
 DEMO_SEED = 7
-DEMO_PROMPT = "the striped square"
+DEMO_PROMPT = "the red triangle"
 
 
 def demo_sample(seed: int = DEMO_SEED, prompt: str = DEMO_PROMPT) -> Tuple[np.ndarray, Expression]:

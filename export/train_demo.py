@@ -8,20 +8,24 @@ config.json's `sam_image_encoder` / `beit3` blocks.  Inputs come from `export.de
 serve-time preprocessing), and the graphs trained are the served ones (`encode_image`,
 `encode_prompt`, `decode_masks`).
 
-Two stages.  The mask decoder (SAM's, 256-d over 64x64 tokens) costs ~20x the rest per prompt on
-this CPU, and trained end to end from scratch it first learns to segment every object whatever the
-prompt: BEiT-3's fused [CLS] starts out almost all image and hardly any text, and learning to read
-the words through the decoder's loss takes more decoder steps than the budget holds.  So linear
-training-only heads (dropped from the checkpoint) give cheap, direct signals:
+Two stages, each with its own AdamW and warm-up + cosine schedule.  The mask decoder (SAM's, 256-d
+over 64x64 tokens) costs most per prompt on this CPU, and trained end to end from scratch the model
+first learns to segment every object whatever the prompt: BEiT-3's fused [CLS] starts out almost all
+image and hardly any text, and learning to read the words through the decoder's loss alone takes more
+decoder steps than the budget holds.  So training-only heads (dropped from the checkpoint) give
+cheap, direct signals:
 
-1. grounding (BEiT-3 + MLP only): 4 scenes x 8 prompts a step; from the prompt embedding the
-   decoder will receive, the target's colour, shape, texture, centre and coverage of BEiT-3's patch
-   grid; from each output patch token, what it shows and whether it is part of the target.
-2. end to end: 1 scene a step, the mask decoder on 4 of its prompts with upstream's mask losses on
-   the 256x256 low-res logits against the ground truth in the padded frame (sigmoid BCE x 2.0 + dice
-   x 0.5, hustvl/EVF-SAM `model/evf_sam.py`, the weights LISA/EVF-SAM train with), SAM's MSE on the
-   predicted IoU so the served score means something, the stage-1 heads on 12 prompts, and colour /
-   shape / texture of every 16x16 cell read off the SAM image embedding.
+1. grounding (`grounding_steps`; BEiT-3, the MLP and the image encoder, no mask decoder): 4 scenes x
+   8 prompts a step.  From the prompt embedding the decoder will receive: the target's colour, shape
+   and texture, its centre and its coverage of BEiT-3's patch grid; from each output patch token,
+   what it shows and whether it is part of the target; from the SAM image embedding of scene 0,
+   colour / shape / texture of every 16x16 cell, and, dotting a linear map of each prompt embedding
+   with every cell, the target's cells (the decoder's final dot product in miniature).
+2. end to end (`steps`): 2 scenes a step, scene 0's 8 prompts through the mask decoder with
+   upstream's mask losses on the 256x256 low-res logits against the ground truth in the padded frame
+   (sigmoid BCE x 2.0 + dice, hustvl/EVF-SAM `model/evf_sam.py`; dice at 1.0 rather than upstream's
+   0.5, which keeps the from-scratch decoder out of the all-background minimum), SAM's MSE on the
+   predicted IoU so the served score means something, and the stage-1 heads on all 16 prompts.
 
 The demo BEiT-3 uses 32x32 patches (7x7 at 224x224; upstream's are 16): 4x cheaper and the words are
 a larger share of what the [CLS] token attends to.
@@ -71,8 +75,8 @@ BEIT3 = {"embed_dim": 128, "layers": 3, "attention_heads": 4, "ffn_embed_dim": 2
 
 @dataclass(frozen=True)
 class TrainConfig:
-    grounding_steps: int = 400  # BEiT-3 + MLP + the training-only heads, no mask decoder
-    steps: int = 800  # end to end
+    grounding_steps: int = 300  # BEiT-3 + MLP + the training-only heads, no mask decoder
+    steps: int = 700  # end to end
     prompts: int = 8  # per scene and step
     grounding_scenes: int = 4  # per grounding step
     scenes: int = 2  # per end-to-end step: scene 0's prompts through the mask decoder, all through the heads
@@ -421,7 +425,8 @@ def write_report(out_dir: Path, cfg: TrainConfig, scores_fp32, scores_fp16, seco
         "",
         "A small EVF-SAM in the real \"ori\" architecture and layout, trained from scratch on generated",
         "scenes of coloured, textured shapes (`export/demo_scenes.py`). It segments such scenes only;",
-        "for real images serve a published checkpoint (`make demo CHECKPOINT=YxZhang/evf-sam IMAGE=... PROMPT=...`).",
+        "for real images serve a published checkpoint (`make demo CHECKPOINT=YxZhang/evf-sam2 IMAGE=... PROMPT=...`)",
+        "or a local checkpoint directory.",
         "How and why it is trained this way: the docstring of `export/train_demo.py`.",
         "",
         f"- command: `{command}`",
@@ -429,7 +434,9 @@ def write_report(out_dir: Path, cfg: TrainConfig, scores_fp32, scores_fp16, seco
         f"- date: {summary['date']}",
         f"- git commit: {summary['git_commit']}",
         f"- wall time of the command: {seconds / 60:.1f} min ({cfg.threads} torch threads)",
-        f"- training: {cfg.steps} steps of one generated scene x {cfg.prompts} expressions, all through the mask decoder",
+        f"- training: {cfg.grounding_steps} grounding steps ({cfg.grounding_scenes} generated scenes x {cfg.prompts} "
+        f"expressions, no mask decoder), then {cfg.steps} end-to-end steps ({cfg.scenes} scenes x {cfg.prompts} "
+        "expressions, one scene's through the mask decoder); every step's scenes are new",
         f"- sizes: SAM image encoder {SAM_IMAGE_ENCODER}; BEiT-3 {BEIT3}; prompt encoder and mask decoder at SAM's sizes",
         f"- optimiser: AdamW (peak lr {cfg.peak_lr}, weight decay {cfg.weight_decay}, {cfg.warmup_steps} warm-up steps, "
         f"cosine to {cfg.final_lr_fraction} x peak, gradient norm clipped at {cfg.grad_clip}), bfloat16 autocast",
@@ -460,6 +467,9 @@ def make_deterministic(cfg: TrainConfig) -> None:
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     torch.use_deterministic_algorithms(True)
+    # Not NaN-filling every new tensor (what deterministic mode does by default): ~30% of a step here,
+    # and no kernel used reads memory it has not written.
+    torch.utils.deterministic.fill_uninitialized_memory = False
 
 
 def parse_args(argv=None) -> Tuple[argparse.Namespace, TrainConfig]:

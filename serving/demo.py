@@ -1,7 +1,7 @@
 """`make demo`: serve the generated repository, send one real request, write the mask and an overlay.
 
     python -m serving.demo --repository build/model_repository --image assets/demo_scene.png \
-        --prompt "the striped square" --output-dir demo_output [--demo-model] [--ground-truth MASK.png]
+        --prompt "the red triangle" --output-dir demo_output [--demo-model] [--ground-truth MASK.png]
         [--random-weights]
 
 With `--ground-truth` (a 0/255 PNG mask of the image's size whose text chunk "prompt" names the prompt

@@ -73,6 +73,32 @@ def test_demo_dataset_is_deterministic_and_reads_as_refcoco(tmp_path):
     assert {job.expression.text.split()[0] for job in relation.jobs()} == {SEMANTIC_TOKEN}
 
 
+def test_training_is_deterministic(tmp_path):
+    """Two runs of the first steps (one grounding, one end to end) from the same seed agree bit for bit."""
+    import torch
+
+    from evfsam.modeling.builder import EvfSamConfig, build_evf_sam
+    from export.demo_batches import Tokenize
+    from export.train_demo import TrainConfig, demo_config, initialise, make_deterministic, train, write_demo_tokenizer
+
+    cfg = TrainConfig(grounding_steps=1, steps=1, prompts=2, grounding_scenes=1, scenes=1)
+    tokenizer = write_demo_tokenizer(tmp_path / "tokenizer")
+    runs = []
+    previous = torch.get_num_threads()
+    try:
+        for _ in range(2):
+            make_deterministic(cfg)
+            model = build_evf_sam(EvfSamConfig.from_dict(demo_config(len(tokenizer))))
+            initialise(model)
+            rows = train(model, Tokenize(tokenizer), cfg, log=lambda _line: None)
+            runs.append([{k: v for k, v in row.items() if k != "seconds"} for row in rows])
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.set_num_threads(previous)
+    assert [row["stage"] for row in runs[0]] == ["grounding", "end-to-end"]
+    assert runs[0] == runs[1]
+
+
 def test_committed_demo_sample_is_the_generated_one():
     rgb, expression = demo_sample()
     np.testing.assert_array_equal(np.asarray(Image.open(DEMO_IMAGE).convert("RGB")), rgb)
