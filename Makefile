@@ -78,7 +78,7 @@ ifeq ($(CHECKPOINT),$(DEMO_CHECKPOINT))
 DEMO_FLAGS := --demo-model
 endif
 ifeq ($(IMAGE),$(DEMO_IMAGE))  # the mask names its prompt; the demo scores only that prompt
-DEMO_FLAGS += --ground-truth assets/demo_scene_mask.png
+DEMO_FLAGS += --ground-truth assets/ground_truth/demo_scene.png
 endif
 
 onnx: install

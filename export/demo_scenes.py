@@ -389,7 +389,8 @@ def demo_sample(seed: int = DEMO_SEED, prompt: str = DEMO_PROMPT) -> Tuple[np.nd
 
 
 def main(argv=None) -> int:
-    """python -m export.demo_scenes ASSETS_DIR: write demo_scene.png and demo_scene_mask.png."""
+    """python -m export.demo_scenes ASSETS_DIR: write demo_scene.png and its prompt's mask,
+    ground_truth/demo_scene.png (a folder of its own: the page lists every image directly in assets)."""
     import argparse
     from pathlib import Path
 
@@ -402,8 +403,10 @@ def main(argv=None) -> int:
 
     info = PngInfo()
     info.add_text("prompt", expression.text)  # serving.demo scores the served mask only for this prompt
-    Image.fromarray(expression.mask * 255).save(args.assets_dir / "demo_scene_mask.png", optimize=True, pnginfo=info)
-    print(f"wrote {args.assets_dir}/demo_scene.png and demo_scene_mask.png (prompt {expression.text!r})")
+    (args.assets_dir / "ground_truth").mkdir(exist_ok=True)
+    truth = args.assets_dir / "ground_truth" / "demo_scene.png"
+    Image.fromarray(expression.mask * 255).save(truth, optimize=True, pnginfo=info)
+    print(f"wrote {args.assets_dir}/demo_scene.png and {truth} (prompt {expression.text!r})")
     return 0
 
 

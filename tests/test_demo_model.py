@@ -20,7 +20,7 @@ from export.demo_scenes import SEMANTIC_TOKEN, demo_sample, expressions, held_ou
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = ROOT / "assets" / "demo-checkpoint"
 DEMO_IMAGE = ROOT / "assets" / "demo_scene.png"
-DEMO_MASK = ROOT / "assets" / "demo_scene_mask.png"
+DEMO_MASK = ROOT / "assets" / "ground_truth" / "demo_scene.png"  # not in assets/: the page lists those
 SERVED_SCENES = 3
 # Measured with the committed checkpoint on the first SERVED_SCENES held-out scenes (all their
 # expression types): see test_served_masks_reach_the_iou_floor.
