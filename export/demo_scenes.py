@@ -339,13 +339,23 @@ def vocabulary_corpus(scenes: int = 400, lines: int = 4000, seed: int = 12345) -
     return [" ".join(rng.choice(words, size=int(rng.integers(2, 10)))) for _ in range(lines)]
 
 
+# Training's mix of expression types: the attribute types (resolved by what an object looks like) most,
+# since they teach the decoder to tell objects apart, which the other types then build on.
+TRAINING_TYPE_WEIGHTS = {"colour": 3.0, "texture": 2.0, "shape": 2.0, "position": 1.0, "relation": 1.0,
+                         "size": 1.0, "semantic": 1.0}
+
+
 def pick_expressions(found: Dict[str, List[Expression]], count: int, rng: np.random.Generator) -> List[Expression]:
-    """`count` expressions of distinct types where the scene has enough types (types uniformly)."""
+    """`count` expressions, each of a type drawn by TRAINING_TYPE_WEIGHTS among the scene's types, each
+    a different one of its type while the type has unused ones."""
     kinds = sorted(found, key=EXPRESSION_TYPES.index)
-    chosen_kinds = list(rng.permutation(kinds))[:count]
-    while len(chosen_kinds) < count:
-        chosen_kinds.append(kinds[rng.integers(len(kinds))])
-    return [found[kind][rng.integers(len(found[kind]))] for kind in chosen_kinds]
+    weights = np.array([TRAINING_TYPE_WEIGHTS[kind] for kind in kinds])
+    unused = {kind: list(rng.permutation(len(found[kind]))) for kind in kinds}
+    chosen = []
+    for kind in rng.choice(kinds, size=count, p=weights / weights.sum()):
+        index = unused[kind].pop() if unused[kind] else rng.integers(len(found[kind]))
+        chosen.append(found[kind][index])
+    return chosen
 
 
 @dataclass(frozen=True)
