@@ -122,12 +122,21 @@ def demo_server(tmp_path_factory):
 
 @pytest.mark.triton
 def test_served_masks_reach_the_iou_floor(demo_server):
+    """Every expression of the first SERVED_SCENES held-out scenes (JPEG, as a client sends them) through
+    the served pipeline: decoding, both image views, tokenization, BEiT-3, the mask decoder and the
+    resize back.  The floors are below what the committed checkpoint measured (MEASURED) and above what
+    the same test measured with a pipeline bug injected (INJECTED_BUGS)."""
     from clients.client import SegmentationClient
 
     scenes = held_out_scenes(SERVED_SCENES)
+    expressions_ = [e for scene in scenes for e in scene.expressions]
     requests = [(scene.image, e.text) for scene in scenes for e in scene.expressions]
-    truths = [e.mask for scene in scenes for e in scene.expressions]
     with SegmentationClient(demo_server.grpc_url) as client:
         results = list(client.segment_many(requests))
-    ious = {text: round(score_expression(r.mask, truth).iou, 3) for (_, text), r, truth in zip(requests, results, truths)}
-    assert np.mean(list(ious.values())) >= MEAN_IOU_FLOOR, ious
+    ious = [score_expression(r.mask, e.mask).iou for r, e in zip(results, expressions_)]
+    by_type = {}
+    for expression, iou in zip(expressions_, ious):
+        by_type.setdefault(expression.kind, []).append(round(iou, 3))
+    colour = [iou for e, iou in zip(expressions_, ious) if e.kind == "colour"]
+    assert np.mean(ious) >= MEAN_IOU_FLOOR, by_type
+    assert np.mean(colour) >= COLOUR_IOU_FLOOR, by_type
