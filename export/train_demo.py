@@ -75,8 +75,8 @@ BEIT3 = {"embed_dim": 128, "layers": 3, "attention_heads": 4, "ffn_embed_dim": 2
 
 @dataclass(frozen=True)
 class TrainConfig:
-    grounding_steps: int = 150  # BEiT-3 + MLP + the training-only heads, no mask decoder
-    steps: int = 350  # end to end
+    grounding_steps: int = 100  # BEiT-3 + MLP + the training-only heads, no mask decoder
+    steps: int = 150  # end to end
     prompts: int = 8  # per scene and step
     grounding_scenes: int = 4  # per grounding step
     scenes: int = 2  # per end-to-end step: scene 0's prompts through the mask decoder, all through the heads
