@@ -1,10 +1,7 @@
 """The committed demo checkpoint (assets/demo-checkpoint, trained by `python -m export.train_demo`)
-served by a real tritonserver segments held-out generated scenes correctly, and its companions (the
-tokenizer layout, the RefCOCO-layout held-out set, the demo sample) are what their generators make.
-
-The IoU floor is set where a served-pipeline bug drops it: with a swapped colour channel, a wrong
-normalisation or an off-by-one token id injected into the serving code the mean IoU measured far
-below it (numbers in the module's test docstrings)."""
+served by a real tritonserver reaches a fixed IoU floor on held-out generated scenes, training is
+deterministic, and the companions (the tokenizer layout, the RefCOCO-layout held-out set, the demo
+sample) are what their generators make."""
 from __future__ import annotations
 
 import hashlib
@@ -22,9 +19,11 @@ DEMO_CHECKPOINT = ROOT / "assets" / "demo-checkpoint"
 DEMO_IMAGE = ROOT / "assets" / "demo_scene.png"
 DEMO_MASK = ROOT / "assets" / "ground_truth" / "demo_scene.png"  # not in assets/: the page lists those
 SERVED_SCENES = 3
-# Measured with the committed checkpoint on the first SERVED_SCENES held-out scenes (all their
-# expression types): see test_served_masks_reach_the_iou_floor.
-MEAN_IOU_FLOOR = 0.0
+# The committed checkpoint is weak (held-out mIoU 0.32, assets/demo-checkpoint/TRAINING.md): it mostly
+# segments every shape whatever the prompt.  These floors catch a broken pipeline (empty or garbage
+# masks), not a swapped channel: that claim was not verified for this checkpoint.
+MEAN_IOU_FLOOR = 0.2
+COLOUR_IOU_FLOOR = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +123,7 @@ def demo_server(tmp_path_factory):
 def test_served_masks_reach_the_iou_floor(demo_server):
     """Every expression of the first SERVED_SCENES held-out scenes (JPEG, as a client sends them) through
     the served pipeline: decoding, both image views, tokenization, BEiT-3, the mask decoder and the
-    resize back.  The floors are below what the committed checkpoint measured (MEASURED) and above what
-    the same test measured with a pipeline bug injected (INJECTED_BUGS)."""
+    resize back, with floors below what the committed checkpoint measures."""
     from clients.client import SegmentationClient
 
     scenes = held_out_scenes(SERVED_SCENES)
