@@ -33,7 +33,8 @@ BANNER = """
 DEMO_MODEL_BANNER = """
 ############################################################################################
 #  SMALL DEMO MODEL trained on synthetic coloured shapes (assets/demo-checkpoint/TRAINING.md): #
-#  it segments scenes like assets/demo_scene.png only. For real images serve the real one:   #
+#  it knows only scenes like assets/demo_scene.png, and segments even those poorly.       #
+#  For real images serve a real checkpoint (a hub id or a local checkpoint directory):      #
 #  make demo CHECKPOINT=YxZhang/evf-sam2 IMAGE=path/to/photo.jpg PROMPT="zebra top left"     #
 ############################################################################################
 """
