@@ -40,6 +40,7 @@ help:
 	@echo "                 (HTTP_PORT, GRPC_PORT, METRICS_PORT, ADDRESS, FLAVOR, DEVICE, RECIPE)"
 	@echo "make serve-cluster  REPLICAS=N tritonservers behind Envoy routing by image (same knobs, ENVOY_ADMIN_PORT)"
 	@echo "make bench       CPU benchmark suite -> benchmarks/results/<machine>-<date>/"
+	@echo "make reliability  soak, overload, client deadlines, faults, fuzz, co-batching (~1 h) -> benchmarks/results/<machine>-<date>-reliability/"
 	@echo "make bench-cluster  replicas behind Envoy: affinity vs round robin, remapping, a killed replica"
 
 install: $(VENV)/.installed $(if $(filter gpu,$(DEVICE)),$(VENV)/.installed-gpu)
@@ -121,3 +122,4 @@ clean:
 
 -include docker/docker.mk
 -include benchmarks/bench.mk
+-include benchmarks/reliability.mk
