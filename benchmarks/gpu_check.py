@@ -466,17 +466,20 @@ class Check:
         self.results["onnx_runtime"] = self.onnx_graphs(ort, wanted)
 
     def onnx_graphs(self, ort, providers: List[str]) -> Dict[str, object]:
-        from evfsam.specs import BATCH, GRAPHS
+        from evfsam.recipes import default_recipe
+        from evfsam.specs import BATCH, family as family_spec
         from export.onnx_export import export_graph
 
         family = FAMILIES_BY_NAME["evf-sam"]
+        graphs = family_spec(family.family).graphs
         model, vocab = family.build(self.args.size, "cpu")
         rows: List[Dict] = []
         with tempfile.TemporaryDirectory() as tmp:
-            paths = {spec.name: export_graph(model, spec, Path(tmp), vocab_size=vocab) for spec in GRAPHS}
+            recipe = default_recipe(family.family, multitask=False)
+            paths = {spec.name: export_graph(model, spec, Path(tmp), vocab_size=vocab, recipe=recipe) for spec in graphs}
             del model
             self.log(f"exported {len(paths)} ONNX graphs")
-            for spec in GRAPHS:
+            for spec in graphs:
                 feeds = spec.sample_inputs(np.random.default_rng(0), {BATCH: 1}, vocab)
                 reference = None
                 for provider in providers:

@@ -29,7 +29,7 @@ define _DOCKER_EXPORT_SCRIPT
 set -e
 python -m export --checkpoint $(_CHECKPOINT_ARG) --output-dir $(ONNX_DIR)
 python -m export.trt_support $(ONNX_DIR)/*.onnx
-python -m serving.repository --flavor tensorrt --onnx-dir $(ONNX_DIR) --output $(TRT_REPOSITORY)
+python -m serving.repository --flavor tensorrt --device gpu --onnx-dir $(ONNX_DIR) --output $(TRT_REPOSITORY)
 python -m export.tensorrt_build --onnx-dir $(ONNX_DIR) --repository $(TRT_REPOSITORY) --timing-cache $(TRT_TIMING_CACHE)
 endef
 export _DOCKER_EXPORT_SCRIPT

@@ -1,9 +1,11 @@
-"""The eager PyTorch reference: upstream `inference.py` + `EvfSamModel.inference`, op for op.
+"""The eager PyTorch reference: upstream `inference.py` + `EvfSamModel.inference` (or
+`EvfSam2Model.inference`), op for op, for every recipe.
 
 Pre- and post-processing here use torch (as upstream does); the numpy versions in
-`evfsam.processing` that the server runs are tested against these.  The mask decoder is called
-through segment-anything's own `MaskDecoder.forward` with upstream's text-prompt convention, so it is
-an independent check of the batched decoder graph.
+`evfsam.processing` that the server runs are tested against these.  For EVF-SAM the mask decoder is
+called through segment-anything's own `MaskDecoder.forward` with upstream's text-prompt convention,
+so it is an independent check of the decoder graph; for EVF-SAM2 it is our SAM-2 decoder, which
+tests/test_sam2_model.py checks against Meta's sam2 package.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .modeling.evf_sam import EvfSamModel
 from .processing import SAM_PIXEL_MEAN, SAM_PIXEL_STD, RecipeLike, get_recipe, resized_shape
 from .specs import BEIT3_IMAGE_SIZE, SAM_IMAGE_SIZE
 
@@ -80,27 +81,32 @@ class Segmentation:
 
 
 class TorchPipeline:
-    """One image + one prompt -> mask, exactly as upstream's `inference.py` computes it."""
+    """One image + prompts -> masks, exactly as upstream's `inference.py` computes them for `recipe`."""
 
-    def __init__(self, model: EvfSamModel, tokenize: Callable[[str], List[int]], device="cpu", dtype=torch.float32):
+    def __init__(self, model: torch.nn.Module, tokenize: Callable[[str], List[int]], device="cpu",
+                 dtype=torch.float32, recipe: RecipeLike = "ori"):
         self.model = model.to(device=device, dtype=dtype).eval()
         self.tokenize = tokenize
         self.device = device
         self.dtype = dtype
+        self.recipe = get_recipe(recipe)
 
     @torch.inference_mode()
-    def image_embeddings(self, rgb: np.ndarray) -> Tuple[torch.Tensor, Tuple[int, int]]:
-        images, resized = torch_sam_view(rgb)
+    def image_embeddings(self, rgb: np.ndarray):
+        """(the image encoder's output: a tensor for EVF-SAM, a tuple of three for EVF-SAM2, resized hw)."""
+        images, resized = torch_sam_view(rgb, self.recipe)
         return self.model.encode_image(images[None].to(self.device, self.dtype)), resized
 
     @torch.inference_mode()
     def text_embeds(self, rgb: np.ndarray, prompt: str) -> torch.Tensor:
         input_ids = torch.tensor([self.tokenize(prompt)], dtype=torch.long, device=self.device)
-        images_evf = torch_beit3_view(rgb)[None].to(self.device, self.dtype)
+        images_evf = torch_beit3_view(rgb, self.recipe)[None].to(self.device, self.dtype)
         return self.model.encode_prompt(images_evf, input_ids, torch.ones_like(input_ids))
 
     @torch.inference_mode()
-    def decode(self, image_embeddings: torch.Tensor, text_embeds: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, image_embeddings, text_embeds: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.recipe.family == "sam2":
+            return self.model.decode_masks(*image_embeddings, text_embeds, self.recipe.mask_selection)
         sam = self.model.visual_model
         sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
         sparse = torch.cat([sparse.to(text_embeds), text_embeds], dim=1)
@@ -121,6 +127,6 @@ class TorchPipeline:
         results = []
         for prompt in prompts:
             low_res, iou = self.decode(embeddings, self.text_embeds(rgb, prompt))
-            logits = torch_mask_logits(low_res.float(), resized, rgb.shape[:2])[0, 0].cpu().numpy()
+            logits = torch_mask_logits(low_res.float(), resized, rgb.shape[:2], self.recipe)[0, 0].cpu().numpy()
             results.append(Segmentation((logits > 0).astype(np.uint8), float(iou[0, 0]), logits))
         return results

@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from .recipes import RECIPES, Recipe, RecipeLike, get_recipe  # noqa: F401 (re-exported)
+from .recipes import CHECKPOINT_RECIPES, RECIPES, Recipe, RecipeLike, get_recipe  # noqa: F401 (re-exported)
 from .specs import BEIT3_IMAGE_SIZE, LOW_RES_MASK_SIZE, SAM_IMAGE_SIZE
 
 SAM_PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float32)

@@ -383,7 +383,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repository", type=Path, default=Path("build/model_repository_tensorrt"),
                         help="Triton model repository (python -m serving.repository --flavor tensorrt); "
                              "plans go to <repository>/<graph>/1/")
-    parser.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS_BY_NAME), default=[g.name for g in GRAPHS])
+    parser.add_argument("--graphs", nargs="+", choices=sorted(GRAPHS_BY_NAME), default=None,
+                        help="default: the graphs of the family recorded in <onnx-dir>/manifest.json")
     parser.add_argument("--precision-policy", choices=list(POLICIES_BY_NAME), default=POLICIES[0].name,
                         help="the first policy tried; stricter ones follow while the accuracy gate rejects "
                              "the engine: " + ", ".join(f"{p.name} ({p.description})" for p in POLICIES))
@@ -403,11 +404,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def exported_family_graphs(onnx_dir: Path) -> List[GraphSpec]:
+    """The graphs of the family `python -m export` recorded in the directory (EVF-SAM when there is no
+    manifest to say otherwise)."""
+    from evfsam.provenance import read_manifest
+    from evfsam.specs import family
+
+    manifest = read_manifest(onnx_dir) or {}
+    return list(family(manifest.get("family", "ori")).graphs)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     options = BuildOptions(workspace_gib=args.workspace_gib, timing_cache=args.timing_cache)
     ladder = fallback_ladder(args.precision_policy, fallback=not args.no_fallback)
-    specs = [GRAPHS_BY_NAME[name] for name in args.graphs]
+    specs = [GRAPHS_BY_NAME[name] for name in args.graphs] if args.graphs else exported_family_graphs(args.onnx_dir)
     missing = [str(args.onnx_dir / s.onnx_file) for s in specs if not (args.onnx_dir / s.onnx_file).exists()]
     if missing:
         print("error: missing ONNX graphs (run `python -m export` first): " + ", ".join(missing), file=sys.stderr)

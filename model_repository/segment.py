@@ -86,8 +86,9 @@ class TritonPythonModel:
                                   kind=pb_utils.MetricFamily.COUNTER),
         ]
         self.started, self.finished = (f.Metric(labels={"model": self.name}) for f in self.metric_families)
-        served = {k: params[k] for k in ("checkpoint", "checkpoint_sha256", "family", "recipe") if k in params}
-        pb_utils.Logger.log_info(f"{self.name} serves {json.dumps(served)}")
+        if args.get("model_instance_name", "").endswith("_0"):  # once per model, not per instance
+            served = {k: params[k] for k in ("checkpoint", "checkpoint_sha256", "family", "recipe") if k in params}
+            pb_utils.Logger.log_info(f"{self.name} serves {json.dumps(served)}")
 
     async def execute(self, requests):
         return list(await asyncio.gather(*(self._respond(request) for request in requests)))

@@ -164,7 +164,20 @@ class TritonServer:
             *self.extra_args,
         ]
 
+    def check_ports_free(self) -> None:
+        """Fail clearly when another process holds one of our ports: its readiness endpoint would
+        answer for ours, and tritonserver would then exit on the port it cannot bind."""
+        for name, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port), ("metrics", self.metrics_port)):
+            with socket.socket() as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+                try:
+                    probe.bind((self.address, port))
+                except OSError as exc:
+                    raise ServerError(f"{name} port {self.address}:{port} is not free ({exc.strerror}); "
+                                      "stop what uses it or choose other ports") from None
+
     def start(self, work_dir: Optional[Path] = None) -> "TritonServer":
+        self.check_ports_free()
         install = TritonInstall.find()
         self.remove_leftover_shm()
         self.stubs_at_ready = []
@@ -281,8 +294,8 @@ def main(argv=None) -> int:
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop_requested.append(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: stop_requested.append(signum))
-    server.start()
     try:
+        server.start()
         _wait_ready_unless_stopped(server, args.ready_timeout, stop_requested)
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -311,11 +324,12 @@ def main(argv=None) -> int:
             print(f"error: {len(crashes)} exits within {CRASH_WINDOW_S} s; giving up", file=sys.stderr)
             return 1
         print("restarting tritonserver ...", file=sys.stderr, flush=True)
-        server.start(server.work_dir)
         try:
+            server.start(server.work_dir)
             _wait_ready_unless_stopped(server, args.ready_timeout, stop_requested)
-        except ServerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except ServerError as exc:  # counted as one more exit by the next pass
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            time.sleep(1.0)
     print("stopping: finishing requests in flight ...", flush=True)
     code = server.stop(drain_timeout=args.drain_timeout)
     print(f"tritonserver stopped (exit code {code})", flush=True)

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import helper, numpy_helper
 
-from evfsam.specs import BEIT3_FUSION_ENCODER, GRAPHS, MAX_TEXT_TOKENS, PROMPT_MASK_DECODER, GraphSpec
+from evfsam.specs import BEIT3_FUSION_ENCODER, MAX_TEXT_TOKENS, ORI, PROMPT_MASK_DECODER, GraphSpec
 from export.accuracy_gate import (AccuracyGateError, MASK_TOLERANCE, OnnxRuntimeRunner, Tolerance, broadcast_rows,
                                   check_engine, compare_output, mask_iou, reference_feeds, require_pass)
 
@@ -19,7 +19,7 @@ NOISE_FRACTION = 0.05  # of the output's largest |value|: 5x the 1e-2 tolerance
 
 @pytest.fixture(scope="module")
 def feeds(onnx_dir):
-    return reference_feeds(GRAPHS, onnx_dir)
+    return reference_feeds(ORI.graphs, onnx_dir)
 
 
 def perturbed_graph(source: Path, output: str, noise: np.ndarray, out_dir: Path) -> Path:
@@ -47,7 +47,7 @@ def noisy_engine(spec: GraphSpec, onnx_dir: Path, feeds, tmp_path: Path) -> Onnx
                              label="perturbed")
 
 
-@pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", ORI.graphs, ids=lambda s: s.name)
 def test_gate_accepts_a_faithful_engine(onnx_dir, feeds, spec):
     report = require_pass(check_engine(spec, OnnxRuntimeRunner(onnx_dir / spec.onnx_file, label="same graph"), feeds))
     assert len(report.checks) == len(feeds.cases) * len(spec.outputs)
@@ -55,7 +55,7 @@ def test_gate_accepts_a_faithful_engine(onnx_dir, feeds, spec):
     assert all(c.max_rel < 1e-5 for c in report.checks)
 
 
-@pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", ORI.graphs, ids=lambda s: s.name)
 def test_gate_rejects_an_engine_with_noise_on_an_output(onnx_dir, feeds, spec, tmp_path):
     report = check_engine(spec, noisy_engine(spec, onnx_dir, feeds, tmp_path), feeds)
     with pytest.raises(AccuracyGateError) as error:
@@ -87,10 +87,13 @@ def test_cases_batch_prompts_of_different_lengths_and_pad_one_to_the_maximum(fee
 
 def test_broadcast_rows_refuses_mismatched_batches_and_profile_overflow():
     good = {"image_embeddings": np.zeros((1, 256, 64, 64), np.float32), "text_embeds": np.zeros((3, 1, 256), np.float32)}
-    assert broadcast_rows(PROMPT_MASK_DECODER, good)["image_embeddings"].shape[0] == 3
+    assert broadcast_rows(PROMPT_MASK_DECODER, good)["image_embeddings"].shape[0] == 1  # the graph broadcasts it
+    beit3 = {"images_evf": np.zeros((1, 3, 224, 224), np.float32), "input_ids": np.zeros((3, 8), np.int64),
+             "attention_mask": np.ones((3, 8), np.int64)}
+    assert broadcast_rows(BEIT3_FUSION_ENCODER, beit3)["images_evf"].shape[0] == 3  # one view for three prompts
     with pytest.raises(ValueError, match="rows"):
-        broadcast_rows(PROMPT_MASK_DECODER, {**good, "image_embeddings": np.zeros((2, 256, 64, 64), np.float32)})
-    too_many = PROMPT_MASK_DECODER.max_batch_size + 1
+        broadcast_rows(BEIT3_FUSION_ENCODER, {**beit3, "images_evf": np.zeros((2, 3, 224, 224), np.float32)})
+    too_many = PROMPT_MASK_DECODER.max_rows + 1
     with pytest.raises(ValueError, match="outside the profile"):
         broadcast_rows(PROMPT_MASK_DECODER, {**good, "text_embeds": np.zeros((too_many, 1, 256), np.float32)})
 

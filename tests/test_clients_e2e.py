@@ -245,8 +245,16 @@ def test_the_other_protocols_port_is_reported(triton_server, protocol):
 INFERENCE_TIMEOUT_S = 0.1  # the tiny model takes ~0.5 s per request on 2 CPU cores, metadata < 1 ms
 
 
-def test_a_slow_inference_times_out_over_http(triton_server, photo):
-    path, _ = photo
+def uncached_photo(tmp_path, seed):
+    """An image the server has never seen: the request must run the image encoder (the shared
+    feature cache would answer a known one too quickly for the timeout to trigger)."""
+    path = tmp_path / f"uncached_{seed}.png"
+    path.write_bytes(encode(scene(300, 400, seed=seed), "PNG"))
+    return path
+
+
+def test_a_slow_inference_times_out_over_http(triton_server, tmp_path):
+    path = uncached_photo(tmp_path, 9001)
     url = triton_server.http_url
     with SegmentationClient(url, protocol="http", timeout=INFERENCE_TIMEOUT_S) as client:
         with pytest.raises(RequestTimeout) as error:
@@ -255,8 +263,45 @@ def test_a_slow_inference_times_out_over_http(triton_server, photo):
     assert error.value.exit_code == 4
 
 
-def test_a_slow_inference_times_out_over_http_async(triton_server, photo):
-    path, _ = photo
+def _evf_sam_outcomes(server):
+    """evf_sam's successes and cancellations, from Triton's own metrics."""
+    from serving import metrics
+
+    samples = metrics.scrape(server.metrics_url)
+    return (metrics.total(samples, "nv_inference_request_success", model=EVF_SAM.name),
+            metrics.total(samples, "nv_inference_request_failure", model=EVF_SAM.name, reason="CANCELED"))
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_grpc_timeout_is_the_clients_alone(triton_server, tmp_path, asynchronous):
+    """No deadline goes with the request: the client gives up, the server finishes the request (a
+    server-side cancellation is what can crash tritonserver 2.51)."""
+    import time
+
+    path = uncached_photo(tmp_path, 9003 + asynchronous)
+    deadline = time.time() + 60
+    while triton_server.server.requests_in_flight() and time.time() < deadline:
+        time.sleep(0.1)  # earlier tests' timed-out requests finish on the server first
+    successes, cancellations = _evf_sam_outcomes(triton_server)
+
+    async def segment_async():
+        async with AsyncSegmentationClient(triton_server.grpc_url, "grpc", timeout=INFERENCE_TIMEOUT_S) as client:
+            return await client.segment(path, "cat")
+
+    with pytest.raises(RequestTimeout, match=f"within {INFERENCE_TIMEOUT_S:g} s"):
+        if asynchronous:
+            asyncio.run(segment_async())
+        else:
+            with SegmentationClient(triton_server.grpc_url, protocol="grpc", timeout=INFERENCE_TIMEOUT_S) as client:
+                client.segment(path, "cat")
+    deadline = time.time() + 60
+    while triton_server.server.requests_in_flight() and time.time() < deadline:
+        time.sleep(0.1)
+    assert _evf_sam_outcomes(triton_server) == (successes + 1, cancellations)
+
+
+def test_a_slow_inference_times_out_over_http_async(triton_server, tmp_path):
+    path = uncached_photo(tmp_path, 9002)
 
     async def segment():
         async with AsyncSegmentationClient(triton_server.http_url, "http", timeout=INFERENCE_TIMEOUT_S) as client:

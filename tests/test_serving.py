@@ -198,6 +198,29 @@ def _ensemble_counts(server):
     return {key: int(inference[key]["count"]) for key in ("success", "fail")}
 
 
+def test_failed_and_refused_requests_leave_nothing_in_flight(triton_server):
+    """The drain counts every request in and out in one try/finally: a failure at any step (bad image,
+    bad prompt, unknown key, output budget) never leaves a phantom that would delay a stop."""
+    from evfsam.specs import PIPELINE_FINISHED_METRIC, PIPELINE_STARTED_METRIC
+    from serving import metrics
+    from tests.test_prompts_model import segment_many
+
+    def counted():
+        return metrics.totals(metrics.scrape(triton_server.metrics_url), (PIPELINE_STARTED_METRIC, PIPELINE_FINISHED_METRIC))
+
+    _wait_until(lambda: triton_server.server.requests_in_flight() == 0, timeout=60)
+    before = counted()
+    for image, prompt in ((b"", b"zebra"), (GOOD_IMAGE, b""), (b"not an image", b"zebra")):
+        with pytest.raises(InferenceServerException):
+            grpc_segment(triton_server, image, prompt)
+    for kwargs in ({"prompts": ["ok"], "key": "0" * 64}, {"prompts": ["x"] * 65, "image": GOOD_IMAGE}):
+        with pytest.raises(InferenceServerException):
+            segment_many(triton_server, **kwargs)
+    after = counted()
+    assert {name: after[name] - before[name] for name in after} == {PIPELINE_STARTED_METRIC: 5, PIPELINE_FINISHED_METRIC: 5}
+    assert triton_server.server.requests_in_flight() == 0 and triton_server.server.drain(timeout=5)
+
+
 def test_graceful_stop_finishes_requests_in_flight(model_repository, tiny_checkpoint, tmp_path):
     from tests.conftest import start_server
 

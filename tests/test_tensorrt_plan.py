@@ -16,7 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from evfsam.specs import BATCH, GRAPHS, GRAPHS_BY_NAME, SAM_IMAGE_ENCODER, TOKENIZER_FILE
+from evfsam.specs import BATCH, GRAPHS, GRAPHS_BY_NAME, ORI, SAM_IMAGE_ENCODER
 from export import tensorrt_build as tb
 from export.accuracy_gate import OnnxRuntimeRunner
 from export.precision import (ALL_GROUPS, FP16_MAX, FP32_MODULES, NORMALISATION, POLICIES, POLICIES_BY_NAME, SOFTMAX,
@@ -33,26 +33,25 @@ FP16_REL_TOLERANCE = 1e-2  # max |fp16 - fp32| / max |fp32| per output
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from evfsam.checkpoint import load_evf_sam
-    from export.tiny_checkpoint import write_tiny_checkpoint
-
-    checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("trt_tiny_checkpoint"))
-    model, config, directory = load_evf_sam(checkpoint)
-    return model, config, directory
+def tiny_model(loaded_model, tiny_checkpoint):
+    model, config = loaded_model
+    return model, config, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def tiny_graphs(tiny_model, tmp_path_factory) -> Path:
-    from evfsam.tokenization import write_tokenizer_json
-    from export.onnx_export import export_graph
+def tiny_graphs(onnx_dir) -> Path:
+    """The tiny EVF-SAM checkpoint's exported graphs (with manifest and tokenizer)."""
+    return onnx_dir
 
-    model, config, directory = tiny_model
-    out = tmp_path_factory.mktemp("trt_tiny_onnx")
-    for spec in GRAPHS:
-        export_graph(model, spec, out, vocab_size=config.beit3.vocab_size)
-    write_tokenizer_json(directory, out / TOKENIZER_FILE)
-    return out
+
+@pytest.fixture(scope="module")
+def graph_and_config(onnx_dir, sam2_onnx_dir, loaded_model, loaded_sam2_model):
+    """graph spec -> (its exported file, the config of the model it came from), for both families."""
+    def find(spec):
+        if spec in ORI.graphs:
+            return onnx_dir / spec.onnx_file, loaded_model[1]
+        return sam2_onnx_dir / spec.onnx_file, loaded_sam2_model[1]
+    return find
 
 
 def sample(spec, config, seed=0, batch=2) -> Dict[str, np.ndarray]:
@@ -69,7 +68,8 @@ def test_profile_covers_spec_axes(spec):
     assert list(profile) == list(spec.input_names)
     for tensor in spec.inputs:
         shapes = profile[tensor.name]
-        assert shapes["min"][0] == spec.axes[BATCH].min and shapes["max"][0] == spec.max_batch_size
+        leading = spec.axes[tensor.shape[0]]  # BATCH, or IMAGES for a decoder's image features
+        assert shapes["min"][0] == leading.min and shapes["max"][0] == leading.max
         for axis, dim in enumerate(tensor.shape):
             low, opt, high = (shapes[p][axis] for p in tb.PROFILE_POINTS)
             assert low <= opt <= high
@@ -83,7 +83,7 @@ def test_profile_covers_spec_axes(spec):
 def tensorrt_repository(tiny_graphs, tmp_path_factory) -> Path:
     pytest.importorskip("serving.repository")
     out = tmp_path_factory.mktemp("trt_repository") / "repo"
-    command = [sys.executable, "-m", "serving.repository", "--flavor", "tensorrt",
+    command = [sys.executable, "-m", "serving.repository", "--flavor", "tensorrt", "--device", "gpu",
                "--onnx-dir", str(tiny_graphs), "--output", str(out)]
     subprocess.run(command, check=True, cwd=REPO_ROOT, capture_output=True, text=True)
     return out
@@ -96,23 +96,25 @@ def read_config(path: Path):
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
 
 
-@pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
+@pytest.mark.parametrize("spec", ORI.graphs, ids=lambda s: s.name)
 def test_tensorrt_model_config_agrees_with_profile(tensorrt_repository, spec):
     config = read_config(tensorrt_repository / spec.name / "config.pbtxt")
     profile = tb.optimization_profile(spec)
-    assert config.platform == "tensorrt_plan"
-    assert config.max_batch_size == profile[spec.input_names[0]]["max"][0] == spec.max_batch_size
-    assert max(config.dynamic_batching.preferred_batch_size) <= config.max_batch_size
+    assert config.platform == "tensorrt_plan" and config.max_batch_size == spec.max_batch_size
+    first_axis = 1 if spec.triton_batching else 0  # Triton's batch axis is not in dims
+    if spec.triton_batching:
+        assert config.max_batch_size == profile[spec.input_names[0]]["max"][0]
+        assert max(config.dynamic_batching.preferred_batch_size) <= config.max_batch_size
     assert Path(tb.plan_path(tensorrt_repository, spec)).parent.is_dir()
     for entry in config.input:
         shapes = profile[entry.name]
         expected = [-1 if shapes["min"][axis] != shapes["max"][axis] else shapes["max"][axis]
-                    for axis in range(1, len(shapes["max"]))]
+                    for axis in range(first_axis, len(shapes["max"]))]
         assert list(entry.dims) == expected, entry.name
     for warmup in config.model_warmup:
         for name, tensor in warmup.inputs.items():
             shapes = profile[name]
-            full = [warmup.batch_size] + list(tensor.dims)
+            full = ([warmup.batch_size] if spec.triton_batching else []) + list(tensor.dims)
             assert all(lo <= d <= hi for d, lo, hi in zip(full, shapes["min"], shapes["max"])), name
 
 
@@ -121,8 +123,8 @@ def test_tensorrt_model_config_agrees_with_profile(tensorrt_repository, spec):
 
 
 @pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
-def test_exported_graphs_use_only_supported_operators(tiny_graphs, spec):
-    findings = unsupported_ops(tiny_graphs / spec.onnx_file)
+def test_exported_graphs_use_only_supported_operators(graph_and_config, spec):
+    findings = unsupported_ops(graph_and_config(spec)[0])
     assert not findings, f"not parseable by TensorRT {TENSORRT_VERSION}:\n" + "\n".join(map(str, findings))
 
 
@@ -221,9 +223,10 @@ def test_emulation_stores_fp16_outside_the_plan_and_fp32_inside():
 
 
 @pytest.mark.parametrize("spec", GRAPHS, ids=lambda s: s.name)
-def test_fp16_plan_is_finite_and_close_to_fp32(tiny_graphs, tiny_model, spec):
-    inputs = sample(spec, tiny_model[1])
-    report = compare_fp16(tiny_graphs / spec.onnx_file, inputs, graph=spec.name)
+def test_fp16_plan_is_finite_and_close_to_fp32(graph_and_config, spec):
+    path, config = graph_and_config(spec)
+    inputs = sample(spec, config)
+    report = compare_fp16(path, inputs, graph=spec.name)
     print("\n" + format_reports([report]))
     assert report.ok, f"FP16 overflow in {report.first_overflow}"
     assert report.largest_fp16_value < FP16_MAX / 16
@@ -270,10 +273,10 @@ def test_fp16_plan_on_full_size_random_weights(tmp_path_factory):
     checkpoint = write_tiny_checkpoint(tmp_path_factory.mktemp("trt_full_checkpoint"), size="full")
     model, config, _ = load_evf_sam(checkpoint)
     out = tmp_path_factory.mktemp("trt_full_onnx")
-    paths = {spec.name: export_graph(model, spec, out, vocab_size=config.beit3.vocab_size) for spec in GRAPHS}
+    paths = {spec.name: export_graph(model, spec, out, vocab_size=config.beit3.vocab_size) for spec in ORI.graphs}
     del model
     reports = []
-    for spec in GRAPHS:
+    for spec in ORI.graphs:
         inputs = sample(spec, config, batch=1)
         reports.append(compare_fp16(paths[spec.name], inputs, graph=spec.name, threads=2))
         reports.append(compare_fp16(paths[spec.name], inputs, PrecisionPlan.unprotected(), spec.name, threads=2))
