@@ -23,7 +23,7 @@ from evfsam.embedding_cache import image_key
 from evfsam.processing import decode_image
 from serving import processes
 
-FUZZ_REQUESTS = 240
+FUZZ_REQUESTS = 200
 
 
 # ---- without a server ---------------------------------------------------------------------------------

@@ -47,11 +47,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--soak-warmup-minutes", type=float, default=3.0, help="RSS growth is measured after this")
     parser.add_argument("--soak-concurrency", type=int, default=4, help="perf_analyzer concurrency per served model")
     parser.add_argument("--goodput-seconds", type=float, default=60.0)
-    parser.add_argument("--single-stream-seconds", type=float, default=30.0)
+    parser.add_argument("--single-stream-seconds", type=float, default=20.0)
     parser.add_argument("--fuzz-requests", type=int, default=10_000)
     parser.add_argument("--fuzz-seed", type=int, default=11)
-    parser.add_argument("--launcher-faults", nargs="*", default=list(faults.STUB_TARGETS),
-                        help="stubs to kill under python -m serving.server (all by default)")
+    parser.add_argument("--launcher-faults", nargs="*", default=list(faults.LAUNCHER_TARGETS),
+                        help=f"stubs to kill under python -m serving.server (default {' '.join(faults.LAUNCHER_TARGETS)})")
     parser.add_argument("--render", type=Path, metavar="RESULTS_DIR", help="measure nothing: redraw RESULTS_DIR")
     return parser.parse_args(argv)
 
@@ -130,12 +130,15 @@ def main(argv=None) -> int:
                     server.stop()
             run.attempt("overload", measure_overload)
     if "goodput" in phases:
-        with run.phase("goodput"):
-            def measure_goodput():
-                with Launcher(repository, logs / "goodput.log") as launcher:
-                    return goodput.run(launcher, goodput.GoodputPlan(args.goodput_seconds,
-                                                                      single_stream_s=args.single_stream_seconds))
-            run.attempt("goodput", measure_goodput)
+        run.results.setdefault("goodput", {})
+        plan = goodput.GoodputPlan(args.goodput_seconds, single_stream_s=args.single_stream_seconds)
+        for profile, options in goodput.PROFILES.items():
+            with run.phase(f"goodput ({profile})"):
+                def measure_goodput(profile=profile, options=options):
+                    served = models.churn_repository(tiny_onnx, build / "tiny" / f"repository-{profile}", **options)
+                    with Launcher(served, logs / f"goodput-{profile}.log") as launcher:
+                        return {"repository_options": options, **goodput.run(launcher, plan)}
+                run.attempt(profile, measure_goodput, run.results["goodput"])
     if "cobatch" in phases:
         with run.phase("cobatch"):
             def measure_cobatch():

@@ -36,6 +36,7 @@ MODELS = (EVF_SAM.name, EVF_SAM_PROMPTS.name, IMAGE_CACHE_NAME, SAM_IMAGE_ENCODE
           PROMPT_MASK_DECODER.name)
 STUB_TARGETS = (f"{IMAGE_CACHE_NAME}_0_0", f"{SAM_IMAGE_ENCODER.name}_0_0", f"{BEIT3_FUSION_ENCODER.name}_0_0",
                 f"{PROMPT_MASK_DECODER.name}_0_0", f"{EVF_SAM.name}_0_0")
+LAUNCHER_TARGETS = (STUB_TARGETS[0], STUB_TARGETS[1], STUB_TARGETS[4])  # the cache, an engine, a front instance
 IN_FLIGHT = 6
 FOLLOW_UP = 8
 SHM_DIR = Path(processes.SHM_DIR)

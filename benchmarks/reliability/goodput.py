@@ -32,6 +32,11 @@ from .launcher import Launcher
 ENGINES = (SAM_IMAGE_ENCODER.name, BEIT3_FUSION_ENCODER.name, PROMPT_MASK_DECODER.name)
 SUCCESS, DEADLINE, REJECTED = "success", "deadline_exceeded", "rejected"
 GOAL_FRACTION = 0.5
+QUEUE_REFUSALS = ("Exceeds maximum queue size", "Request timeout expired")  # Triton's, for a full queue / a long wait
+# Repository options measured: the generated defaults, and a profile for clients with short deadlines:
+# one request in the pipeline at a time (no concurrency inflating every latency on a small CPU) and a
+# queue that sheds what waited longer than 200 ms (its client is likely gone by the time it would run).
+PROFILES = {"default": {}, "deadline_profile": {"front_instances": 1, "served_queue_timeout_us": 200_000}}
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ def outcome(exc: InferenceServerException) -> str:
     status = str(exc.status())
     if status == "StatusCode.DEADLINE_EXCEEDED":
         return DEADLINE
-    if status == "StatusCode.UNAVAILABLE" and "queue" in (exc.message() or ""):
+    if status == "StatusCode.UNAVAILABLE" and any(text in (exc.message() or "") for text in QUEUE_REFUSALS):
         return REJECTED
     return f"{status}: {(exc.message() or '')[:80]}"
 

@@ -139,29 +139,34 @@ def overload_lines(o: Dict) -> List[str]:
             f"{o['readiness']['not_ready']} of {o['readiness']['polls']}.", ""]
 
 
-def goodput_lines(g: Dict) -> List[str]:
-    if "error" in g:
-        return ["## Goodput under client deadlines", "", f"Failed: `{g['error']}`", ""]
-    plan, server, single = g["plan"], g["server"], g["single_stream"]
-    outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(g["outcomes"].items(), key=lambda kv: -kv[1]))
-    return ["## Goodput under client deadlines", "",
-            f"{plan['clients']} raw tritonclient gRPC clients, {g['seconds']:.0f} s, each `evf_sam` call with "
-            f"`client_timeout` uniform in {plan['min_deadline_s']}-{plan['max_deadline_s']} s, retried at once; every "
-            f"request a new image (the encoder runs once per request that gets that far).", "",
-            f"* single-stream capacity (one client, no deadline, {single['seconds']:.0f} s): **{single['per_s']} req/s** "
-            f"(p50 {single['p50_ms']} ms)",
-            f"* with deadlines: {g['requests']} requests: {outcomes}",
-            f"* successes: **{g['successes_per_s']} req/s = {g['fraction_of_single_stream']} x single-stream** "
-            f"(goal >= 0.5: {_mark(g['goal_met'])}); success latency p50 {g['success_latency_ms']['p50']} ms, "
-            f"p99 {g['success_latency_ms']['p99']} ms",
-            f"* server side: `evf_sam` executed {server['executed_by_evf_sam']} requests, dropped "
-            f"{server['dropped_in_queue_canceled']} in its queue (client gone: CANCELED, never executed), rejected "
-            f"{server['rejected_queue_full']}; executed for clients already gone: {server['executed_for_gone_clients']}; "
-            f"SAM image encoder ran {server['encoder_runs']} times, {server['encoder_runs_for_gone_clients']} of them "
-            f"for clients that had gone",
-            f"* tritonserver crashed / restarted: {_mark(g['tritonserver_restarted'])} (launcher restarts: "
-            f"{g['launcher_restarts']}); readiness polls not 200: {g['readiness']['not_ready']} of "
-            f"{g['readiness']['polls']}; ready after: {_mark(g['server_ready_after'])}", ""]
+def goodput_lines(profiles: Dict) -> List[str]:
+    lines = ["## Goodput under client deadlines", ""]
+    for profile, g in profiles.items():
+        lines += [f"### {profile.replace('_', ' ')}", ""]
+        if "error" in g:
+            lines += [f"Failed: `{g['error']}`", ""]
+            continue
+        plan, server, single = g["plan"], g["server"], g["single_stream"]
+        outcomes = ", ".join(f"{k}: {v}" for k, v in sorted(g["outcomes"].items(), key=lambda kv: -kv[1]))
+        lines += [f"Repository options: `{g['repository_options'] or 'the generated defaults'}`.  {plan['clients']} raw "
+                  f"tritonclient gRPC clients, {g['seconds']:.0f} s, each `evf_sam` call with `client_timeout` uniform "
+                  f"in {plan['min_deadline_s']}-{plan['max_deadline_s']} s, retried at once; every request a new image "
+                  f"(the encoder runs once per request that gets that far).", "",
+                  f"* single-stream capacity (one client, no deadline, {single['seconds']:.0f} s): **{single['per_s']} "
+                  f"req/s** (p50 {single['p50_ms']} ms)",
+                  f"* with deadlines: {g['requests']} requests: {outcomes}",
+                  f"* successes: **{g['successes_per_s']} req/s = {g['fraction_of_single_stream']} x single-stream** "
+                  f"(goal >= 0.5: {_mark(g['goal_met'])}); success latency p50 {g['success_latency_ms']['p50']} ms, "
+                  f"p99 {g['success_latency_ms']['p99']} ms",
+                  f"* server side: `evf_sam` executed {server['executed_by_evf_sam']} requests, dropped "
+                  f"{server['dropped_in_queue_canceled']} in its queue (client gone: CANCELED, never executed), refused "
+                  f"{server['rejected_queue_full']} (queue full or waited too long); executed for clients already gone: "
+                  f"{server['executed_for_gone_clients']}; SAM image encoder ran {server['encoder_runs']} times, "
+                  f"{server['encoder_runs_for_gone_clients']} of them for clients that had gone",
+                  f"* tritonserver crashed / restarted: {_mark(g['tritonserver_restarted'])} (launcher restarts: "
+                  f"{g['launcher_restarts']}); readiness polls not 200: {g['readiness']['not_ready']} of "
+                  f"{g['readiness']['polls']}; ready after: {_mark(g['server_ready_after'])}", ""]
+    return lines
 
 
 def _outcomes(tally: Dict) -> str:
