@@ -21,11 +21,6 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         version_dir = Path(args["model_repository"]) / args["model_version"]
         options = ort.SessionOptions()
-        # No CPU memory arena: it keeps every block it ever took, and batches of several sizes fragment it.
-        # A SAM ViT-B encoder fed batches of 1, 2, 3, 4, 2 images grew to 12.3 GB and was OOM-killed at
-        # the next batch of 4; without the arena it went back to ~1 GB after every batch
-        # (benchmarks/results/*-reliability, soak with ViT-B weights).
-        options.enable_cpu_mem_arena = False
         threads = int(params.get("intra_op_threads", "0"))
         if threads > 0:
             options.intra_op_num_threads = threads
