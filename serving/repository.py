@@ -36,7 +36,7 @@ from evfsam import provenance
 from evfsam.model_config import (DEFAULT_BLS_TIMEOUT_S, DEFAULT_MAX_ENCODED_OUTPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS,
                                  CacheSettings, InputLimits, PipelineSettings)
 from evfsam.processing import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
-from evfsam.specs import (BATCH, EVF_SAM, EVF_SAM_PROMPTS, IMAGES, MAX_TEXT_TOKENS, TEXT_BUCKET, TEXT_LEN,
+from evfsam.specs import (BATCH, EVF_SAM, EVF_SAM_PROMPTS, FAMILIES, IMAGES, MAX_TEXT_TOKENS, TEXT_BUCKET, TEXT_LEN,
                           TOKENIZER_FILE, FamilySpec,
                           GraphSpec, ServedModelSpec, TensorSpec, family, image_cache_spec)
 
@@ -53,6 +53,10 @@ EVFSAM_DIR = Path(__file__).resolve().parent.parent / "evfsam"
 # Image features per cached image: 4 MiB (EVF-SAM) or 16 MiB (EVF-SAM2), + the BEiT-3 view: the
 # default budgets hold ~110 images of either family.
 DEFAULT_CACHE_MIB = {"ori": 512, "sam2": 1824}
+# python-ort on CPU runs the image encoders one image at a time (see model_repository/ort_engine.py):
+# mixed batch sizes grow ONNX Runtime's memory arena, and a CPU gains little from batching a real-size
+# encoder (SAM ViT-B here: 13 s for one image, 69 s for four, on a shared machine).
+CPU_ONE_ROW_PER_RUN = {f.image_encoder.name for f in FAMILIES.values()}
 
 
 @dataclass(frozen=True)
@@ -173,8 +177,10 @@ def engine_config(spec: GraphSpec, opts: RepositoryOptions) -> Dict:
         config["optimization"] = ort_gpu_accelerators(spec, opts)
     if opts.flavor == "python-ort":
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+        rows_per_run = 1 if not gpu and spec.name in CPU_ONE_ROW_PER_RUN else 0
         config["parameters"] = parameters({"onnx_file": spec.onnx_file, "intra_op_threads": opts.ort_threads,
-                                           "execution_providers": json.dumps(providers)})
+                                           "execution_providers": json.dumps(providers),
+                                           "max_rows_per_run": rows_per_run})
     if opts.warmup:
         config["model_warmup"] = [warmup_entry(spec)]
     return config
