@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--fuzz-seed", type=int, default=11)
     parser.add_argument("--launcher-faults", nargs="*", default=list(faults.LAUNCHER_TARGETS),
                         help=f"stubs to kill under python -m serving.server (default {' '.join(faults.LAUNCHER_TARGETS)})")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other phases of --out's results.json (each phase records the commit it ran at)")
     parser.add_argument("--render", type=Path, metavar="RESULTS_DIR", help="measure nothing: redraw RESULTS_DIR")
     return parser.parse_args(argv)
 
@@ -59,11 +61,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 class Run:
     def __init__(self, args: argparse.Namespace, out_dir: Path):
         self.args, self.out_dir = args, out_dir
-        self.results: Dict = {"meta": {
-            "date": datetime.date.today().isoformat(), "git_commit": provenance.git_commit(),
-            "command": "python -m benchmarks.reliability " + shlex.join(sys.argv[1:]),
-            "machine": machine.machine_info(), "versions": machine.versions(),
-            "load_average_start": machine.load_average(), "wall_seconds": {}, "cpu_share_others": {}}}
+        self.command = "python -m benchmarks.reliability " + shlex.join(sys.argv[1:])
+        existing = out_dir / "results.json"
+        if args.merge and existing.is_file():
+            self.results = json.loads(existing.read_text())
+        else:
+            self.results = {"meta": {
+                "date": datetime.date.today().isoformat(), "git_commit": provenance.git_commit(),
+                "command": self.command, "machine": machine.machine_info(), "versions": machine.versions(),
+                "load_average_start": machine.load_average(), "wall_seconds": {}, "cpu_share_others": {}}}
+        self.results["meta"].setdefault("phase_runs", {})
         self.started = time.perf_counter()
 
     @contextmanager
@@ -76,7 +83,10 @@ class Run:
             meta = self.results["meta"]
             meta["wall_seconds"][name] = round(time.perf_counter() - start, 1)
             meta["cpu_share_others"][name] = share.others()
-            meta["wall_seconds"]["total"] = round(time.perf_counter() - self.started, 1)
+            meta["phase_runs"][name] = {"git_commit": provenance.git_commit(), "command": self.command,
+                                        "finished": datetime.datetime.now().isoformat(timespec="seconds")}
+            if not self.args.merge:
+                meta["wall_seconds"]["total"] = round(time.perf_counter() - self.started, 1)
             print(f"== {name}: {meta['wall_seconds'][name]:.0f} s (other jobs used "
                   f"{100 * (meta['cpu_share_others'][name] or 0):.0f}% of the CPUs)", flush=True)
             self.save()

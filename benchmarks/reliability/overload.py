@@ -3,6 +3,9 @@
 "Exceeds maximum queue size"), the rest answered, and the server ready and serving right after.
 
 The accepted requests all carry one image the cache already holds, so the burst drains in seconds.
+The burst's rejection latencies are what its (single, busy) client process saw, its own work of sending
+hundreds of requests included; once the first rejection is back, `PROBES` more requests are sent one at
+a time while the queue is still full: their latency is the server's answer time for a refused request.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from . import probes
 from .inputs import PROMPT, SAMPLE_IMAGE, evf_sam_inputs, unique_jpeg
 
 OVERLOAD_FACTOR = 10
+PROBES = 20
 ACCEPTED, REJECTED = "answered", "rejected"
 QUEUE_FULL_MESSAGE = "Exceeds maximum queue size"
 
@@ -35,7 +39,8 @@ def queue_bound(repository: Path, model: str = EVF_SAM.name) -> Tuple[int, int]:
     return queue, instances
 
 
-async def _burst(url: str, image: bytes, count: int) -> List[Tuple[str, float, str]]:
+async def _burst(url: str, image: bytes, count: int) -> Tuple[List[Tuple[str, float, str]], List[Tuple[str, float, str]]]:
+    """(the burst's outcomes, the probes' outcomes): (kind, seconds, gRPC status) each."""
     client = grpcclient_aio.InferenceServerClient(url)
     inputs = evf_sam_inputs(grpcclient, image, PROMPT.encode())
 
@@ -50,7 +55,12 @@ async def _burst(url: str, image: bytes, count: int) -> List[Tuple[str, float, s
             return kind, time.perf_counter() - sent, str(exc.status())
 
     try:
-        return await asyncio.gather(*(one() for _ in range(count)))
+        tasks = [asyncio.ensure_future(one()) for _ in range(count)]
+        pending = set(tasks)
+        while pending and not any(t.done() and t.result()[0] == REJECTED for t in tasks):
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        probes_sent = [await one() for _ in range(PROBES)]
+        return list(await asyncio.gather(*tasks)), probes_sent
     finally:
         await client.close()
 
@@ -62,7 +72,7 @@ def run(http_url: str, grpc_url: str, repository: Path, factor: int = OVERLOAD_F
     count = factor * queue
     with probes.ReadinessPoller(http_url) as readiness:
         started = time.perf_counter()
-        results = asyncio.run(_burst(grpc_url, image, count))
+        results, probe_results = asyncio.run(_burst(grpc_url, image, count))
         burst_s = time.perf_counter() - started
         ready_after = probes.server_ready(http_url)
         sent = time.perf_counter()
@@ -78,6 +88,8 @@ def run(http_url: str, grpc_url: str, repository: Path, factor: int = OVERLOAD_F
         "rejection_status": sorted({status for kind, _, status in results if kind == REJECTED}),
         "rejection_latency_ms": _percentiles(rejected),
         "answered_latency_ms": _percentiles(answered),
+        "probes": {"outcomes": dict(Counter(kind for kind, _, _ in probe_results)),
+                   "rejection_latency_ms": _percentiles([s for kind, s, _ in probe_results if kind == REJECTED])},
         "burst_seconds": round(burst_s, 2),
         "ready_after": ready_after,
         "good_request_after": {"mask_shape": list(good.as_numpy("mask").shape), "seconds": round(good_request_s, 3)},

@@ -84,9 +84,13 @@ def header_lines(results: Dict) -> List[str]:
              f"Wall time: {meta.get('wall_seconds', {}).get('total', 0) / 60:.1f} min.", "",
              "Shared machine: the share of all CPUs that *other* jobs used while each phase ran "
              "(benchmarks/machine.py CpuShare), and the phase's wall time:", ""]
-    rows = [[phase, f"{seconds:.0f} s", f"{100 * (meta['cpu_share_others'].get(phase) or 0):.0f}%"]
+    runs = meta.get("phase_runs", {})
+    rows = [[phase, f"{seconds:.0f} s", f"{100 * (meta['cpu_share_others'].get(phase) or 0):.0f}%",
+             f"`{runs.get(phase, {}).get('git_commit', meta['git_commit'])}`"]
             for phase, seconds in meta["wall_seconds"].items() if phase != "total"]
-    return lines + _table(["phase", "wall", "other jobs' CPU share"], rows) + [""]
+    lines += _table(["phase", "wall", "other jobs' CPU share", "commit"], rows) + [""]
+    reruns = sorted({run["command"] for run in runs.values() if run["command"] != meta["command"]})
+    return lines + ([f"Phases run again later: `{command}`." for command in reruns] + [""] if reruns else [])
 
 
 def soak_lines(name: str, soak: Dict, plot: Optional[str]) -> List[str]:
@@ -133,10 +137,20 @@ def overload_lines(o: Dict) -> List[str]:
             f"Rejection latency as the client saw it (one process sending all of them): p50 "
             f"{o['rejection_latency_ms'].get('p50')} ms, p99 {o['rejection_latency_ms'].get('p99')} ms, max "
             f"{o['rejection_latency_ms'].get('max')} ms; answered requests p50 {o['answered_latency_ms'].get('p50')} ms, "
-            f"p99 {o['answered_latency_ms'].get('p99')} ms.  Burst over in {o['burst_seconds']} s.  Ready right after: "
+            f"p99 {o['answered_latency_ms'].get('p99')} ms.  {_probe_text(o)}Burst over in {o['burst_seconds']} s.  "
+            f"Ready right after: "
             f"{_mark(o['ready_after'])}; a new request right after: mask {o['good_request_after']['mask_shape']} in "
             f"{o['good_request_after']['seconds']} s.  Readiness polls not 200 during the burst: "
             f"{o['readiness']['not_ready']} of {o['readiness']['polls']}.", ""]
+
+
+def _probe_text(o: Dict) -> str:
+    probe = o.get("probes")
+    if not probe:
+        return ""
+    latency = probe["rejection_latency_ms"]
+    return (f"Requests sent one at a time while the queue was full: {probe['outcomes']}, rejected in p50 "
+            f"{latency.get('p50')} ms, p99 {latency.get('p99')} ms.  ")
 
 
 def goodput_lines(profiles: Dict) -> List[str]:
