@@ -143,3 +143,8 @@ class CpuShare:
             return None
         share = (busy - busy0 - (own_cpu_seconds() - own0)) / (wall * (os.cpu_count() or 1))
         return round(min(max(share, 0.0), 1.0), 3)
+
+    def own_seconds(self) -> float:
+        """CPU seconds this process tree (the server, its python-backend stubs, perf_analyzer) used meanwhile:
+        the work itself, which other jobs slow down but do not add to."""
+        return own_cpu_seconds() - self.start[2]

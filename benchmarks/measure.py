@@ -7,10 +7,8 @@ from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
-from evfsam.specs import GRAPHS
-
 from .budgets import Budget
-from .inprocess import STAGES, EagerPipeline, OrtPipeline, StageClock, batch_feed, timed
+from .inprocess import EagerPipeline, OrtPipeline, StageClock, batch_feed, timed
 from .samples import PROMPTS, Sample
 from .stats import LatencyStats
 
@@ -25,23 +23,28 @@ def _once(fn: Callable[[], object]) -> float:
 
 def side_by_side(eager: EagerPipeline, ort: OrtPipeline, samples: Sequence[Sample], budget: Budget) -> Dict:
     """End-to-end latency (file bytes + prompt -> mask) of (a) and (b), calls interleaved so that both
-    see the same background load."""
+    see the same background load; the warm-up pass's masks say how closely (b) reproduces (a)."""
     runners = {EAGER: lambda s: eager.segment(s.image, [s.prompt]), ORT: lambda s: ort.segment(s.image, [s.prompt])}
-    for _ in range(budget.warmup):
+    pixels, scores = [], []
+    for _ in range(max(1, budget.warmup)):
         for sample in samples:
-            for run in runners.values():
-                run(sample)
+            (reference,), ((mask, score),) = (run(sample) for run in runners.values())
+            pixels.append(float(np.mean(reference.mask == mask)))
+            scores.append(abs(reference.score - score))
     seconds: Dict[str, List[float]] = {name: [] for name in runners}
     for _ in range(budget.repeats):
         for sample in samples:
             for name, run in runners.items():
                 seconds[name].append(_once(lambda: run(sample)))
-    return {name: {"stats": LatencyStats.from_seconds(s).to_dict(), "seconds": s} for name, s in seconds.items()}
+    result = {name: {"stats": LatencyStats.from_seconds(s).to_dict(), "seconds": s} for name, s in seconds.items()}
+    # random weights: boundary pixels whose logits are within float error of 0 may differ
+    result["agreement"] = {"min_pixel_agreement": min(pixels), "max_score_difference": max(scores)}
+    return result
 
 
 def stage_breakdown(eager: EagerPipeline, ort: OrtPipeline, samples: Sequence[Sample], budget: Budget) -> Dict:
-    """Median milliseconds per stage (stage = the Triton model doing that work); the median because a
-    busy machine stalls single calls."""
+    """Median milliseconds per stage (the graphs by their Triton model names, and the pre/post steps);
+    the median because a busy machine stalls single calls."""
     staged = {EAGER: lambda s, c: eager.segment_staged(s.image, s.prompt, c),
               ORT: lambda s, c: ort.segment(s.image, [s.prompt], c)}
     result = {}
@@ -51,17 +54,18 @@ def stage_breakdown(eager: EagerPipeline, ort: OrtPipeline, samples: Sequence[Sa
             for sample in samples:
                 clocks.append(StageClock())
                 run(sample, clocks[-1])
-        result[name] = {stage: 1000.0 * float(np.median([c.seconds[stage] for c in clocks])) for stage in STAGES}
+        result[name] = {stage: 1000.0 * float(np.median([c.seconds[stage] for c in clocks])) for stage in ort.stages}
     return result
 
 
 def batch_scaling(ort: OrtPipeline, samples: Sequence[Sample], budget: Budget) -> Dict:
-    """Items per second of each graph alone at each batch size, on real inputs."""
+    """Items per second of each graph alone at each batch size (rows: images for the image encoder,
+    prompts for BEiT-3 and the mask decoder, whose image is broadcast), on real inputs."""
     feeds = ort.graph_feeds(samples)
     result = {}
-    for spec in GRAPHS:
+    for spec in ort.family.graphs:
         result[spec.name] = {}
-        for batch in (b for b in budget.batch_sizes if b <= spec.max_batch_size):
+        for batch in (b for b in budget.batch_sizes if b <= spec.max_rows):
             feed = batch_feed(spec, feeds[spec.name], batch)
             seconds = timed(lambda: ort.run(spec, feed), budget.batch_repeats, budget.warmup)
             result[spec.name][str(batch)] = LatencyStats.from_seconds(seconds, items_per_call=batch).to_dict()

@@ -1,11 +1,11 @@
 """`perf_analyzer --input-data` JSON built from real inputs (never its random data).
 
-Random data is wrong for this model: the ensemble takes encoded image files and UTF-8 prompts
+Random data is wrong for this model: the served models take encoded image files and UTF-8 prompts
 (BYTES tensors), and the BEiT-3 graph takes token ids that must lie inside the vocabulary.
 
 perf_analyzer's JSON format: {"data": [step, ...]}, one step per request it may send (used round
 robin); a step maps every input name to {"b64": ..., "shape": [...]}, the shape without the batch
-axis.  For a BYTES tensor the base64 payload is Triton's serialised form of the tensor (each element
+axis for a model Triton batches (max_batch_size > 0), the full shape otherwise.  For a BYTES tensor the base64 payload is Triton's serialised form of the tensor (each element
 as a 4-byte little-endian length followed by its bytes): perf_analyzer 2.51 sends the decoded bytes
 as they are, and a bare file would be read as a bogus length prefix by the server.
 """
@@ -60,8 +60,8 @@ def array_entry(array: np.ndarray, dtype: np.dtype) -> Dict[str, object]:
     return {"b64": base64.b64encode(data.tobytes()).decode("ascii"), "shape": list(data.shape)}
 
 
-def ensemble_input_data(samples: Sequence[Sample]) -> Dict[str, list]:
-    """Steps for the `evf_sam` ensemble: the image file's bytes and the prompt's UTF-8 bytes."""
+def single_prompt_input_data(samples: Sequence[Sample]) -> Dict[str, list]:
+    """Steps for `evf_sam`: the image file's bytes and the prompt's UTF-8 bytes, one step per sample."""
     image, prompt = EVF_SAM.inputs
     return {"data": [
         {
@@ -93,13 +93,16 @@ def prompts_input_data(samples: Sequence[Sample], count: int, by_key: bool = Fal
 
 
 def engine_input_data(spec: GraphSpec, feeds: Sequence[Mapping[str, np.ndarray]]) -> Dict[str, list]:
-    """Steps for one engine model from real batch-1 feeds (preprocessed images, tokens, embeddings)."""
+    """Steps for one engine model from real one-row feeds (preprocessed images, tokens, an image's
+    features with one prompt's embedding): without the batch axis where Triton batches the model,
+    whole tensors where it does not (the mask decoders)."""
     steps = []
     for feed in feeds:
         for tensor in spec.inputs:
             if feed[tensor.name].shape[0] != 1:
                 raise ValueError(f"{spec.name}.{tensor.name}: feeds must be batch 1, got {feed[tensor.name].shape}")
-        steps.append({t.name: array_entry(feed[t.name][0], t.np_dtype) for t in spec.inputs})
+        steps.append({t.name: array_entry(feed[t.name][0] if spec.triton_batching else feed[t.name], t.np_dtype)
+                      for t in spec.inputs})
     return {"data": steps}
 
 

@@ -5,8 +5,9 @@ request count with a concurrency range, and a fixed count keeps the run time bou
 machine, where time-window stabilisation can fail ("Failed to obtain stable measurement").
 
 The CSV (`-f`, `--verbose-csv`) holds the client's view: throughput, p50/p90/p95/p99 latency, the
-server-side totals.  The per-composing-model breakdown of an ensemble is printed to stdout only
-(2.51 does not put it in the CSV), so stdout is kept next to the CSV and parsed as well.
+server-side totals.  stdout is kept next to it; its `Server:` block (counts, and the average request
+split into queue and compute) is parsed as well.  The served models call the others through BLS, which
+perf_analyzer does not see: the per-model breakdown comes from Triton's statistics (server_stats.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 COUNT_COLUMNS = ("Concurrency", "Inferences/Second")  # every other CSV column is in microseconds
-MODEL_LINE = re.compile(r"^\s*(?P<model>[\w.-]+), version: (?P<version>\S+)\s*$")
 COUNT_LINE = re.compile(r"^\s*(?P<key>Inference count|Execution count|Successful request count): (?P<value>\d+)")
 LATENCY_LINE = re.compile(r"^\s*Avg request latency: (?P<total>\d+) usec \((?P<parts>[^)]*)\)")
 PART = re.compile(r"(?P<name>[a-z ]+?) (?P<usec>\d+) usec")
@@ -57,7 +57,7 @@ class PerfPoint:
     p95_ms: float
     p99_ms: float
     client_ms: Dict[str, float]  # every latency column of the CSV (send, network, queue, ...), milliseconds
-    server: Dict[str, ServerBreakdown]  # the model itself and, for an ensemble, each composing model
+    server: Dict[str, ServerBreakdown]  # {the model: its Server block}
 
     def to_dict(self) -> Dict[str, object]:
         data = asdict(self)
@@ -178,14 +178,12 @@ def read_csv(path: Path) -> List[Dict[str, float]]:
 
 
 def parse_server_breakdowns(text: str, model: str) -> Dict[str, ServerBreakdown]:
-    """The `Server:` block (keyed by `model`) and each `Composing models:` entry, from stdout."""
+    """The `Server:` block of stdout, keyed by `model`."""
     breakdowns: Dict[str, ServerBreakdown] = {}
     current: Optional[ServerBreakdown] = None
     for line in text.splitlines():
         if line.strip() == "Server:":
             current = breakdowns.setdefault(model, ServerBreakdown())
-        elif MODEL_LINE.match(line):
-            current = breakdowns.setdefault(MODEL_LINE.match(line)["model"], ServerBreakdown())
         elif current is not None and COUNT_LINE.match(line):
             _set_count(current, COUNT_LINE.match(line))
         elif current is not None and LATENCY_LINE.match(line):

@@ -12,9 +12,9 @@ from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: 
 
 from evfsam.specs import EVF_SAM  # noqa: E402
 
-from .inprocess import STAGES  # noqa: E402
 from .measure import EAGER, ORT  # noqa: E402
-from .report import SERVED_MODES, SERVED_PARTS, point_at, single_prompt_baseline  # noqa: E402
+from .report import PART_LABELS, SERVED_MODES, served_points, server_parts, single_prompt_baseline  # noqa: E402
+from .triton_sweep import point_at  # noqa: E402
 
 PERCENTILE_KEYS = ("p50_ms", "p90_ms", "p95_ms", "p99_ms")
 
@@ -71,22 +71,29 @@ def latency_percentiles(results: Dict, path: Path) -> str:
 
 
 def stage_breakdown(results: Dict, path: Path) -> str:
-    stages = results["inprocess"]["stages_ms"]
-    bars: Dict[str, List[float]] = {"(a) eager": [stages[EAGER][s] for s in STAGES],
-                                    "(b) ORT": [stages[ORT][s] for s in STAGES]}
+    """In-process stages of (a) and (b); the served request's time by model (Triton's statistics)."""
+    stages = results["inprocess"]["stages"]
+    measured = results["inprocess"]["stages_ms"]
+    bars: Dict[str, Dict[str, float]] = {"(a) eager": measured[EAGER], "(b) ORT": measured[ORT]}
     single = point_at(results.get("triton", {}).get("models", {}).get(EVF_SAM.name, []), 1)
+    parts = server_parts(results)
     if single:
-        bars["(c) Triton c=1"] = [single["server"].get(s, {}).get("avg_latency_ms", 0.0) for s in STAGES]
+        bars["(c) Triton c=1"] = {part: single["models"][part]["total_ms" if part != "own" else "compute_ms"]
+                                  for part in parts}
+    labels = list(dict.fromkeys([*stages, *(p for p in parts if p not in stages)]))
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    for row, (name, values) in enumerate(bars.items()):
+    for row, values in enumerate(bars.values()):
         left = 0.0
-        for stage, value in zip(STAGES, values):
-            ax.barh(row, value, left=left, color=f"C{STAGES.index(stage)}", label=stage if row == 0 else None)
+        for index, label in enumerate(labels):
+            value = max(values.get(label, 0.0), 0.0)
+            ax.barh(row, value, left=left, color=f"C{index}", label=PART_LABELS.get(label, label) if row == 0 else None)
             left += value
     ax.set_yticks(range(len(bars)), list(bars))
     ax.invert_yaxis()
-    ax.set(xlabel="ms per request (one at a time)", title="Per-stage breakdown")
-    ax.legend(fontsize=7, ncol=len(STAGES), loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    ax.set(xlabel="ms per request (one at a time)", title="Per-stage breakdown (Triton: per model)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=f"C{i}") for i in range(len(labels))]
+    ax.legend(handles, [PART_LABELS.get(label, label) for label in labels], fontsize=7, ncol=4, loc="upper center",
+              bbox_to_anchor=(0.5, -0.22))
     ax.grid(axis="x", alpha=0.3)
     return save_figure(fig, path)
 
@@ -127,10 +134,10 @@ def prompt_scaling(results: Dict, path: Path) -> str:
 
 def served_prompts(results: Dict, path: Path) -> str:
     """Left: prompts/s against N per mode, with the one-prompt-per-request baseline. Right: where each
-    request's time went (Triton's counters), per mode and N."""
-    served = results["served_prompts"]
-    counts, points = served["prompt_counts"], served["points"]
-    fig, (rate_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1, 1.4]})
+    served request's time went (Triton's statistics), per point."""
+    served = results["served"]
+    counts, points = served["prompt_counts"], served.get("prompts", {})
+    fig, (rate_ax, time_ax) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.4]})
     for mode, label in SERVED_MODES.items():
         found = [c for c in counts if str(c) in points.get(mode, {})]
         rate_ax.plot(found, [points[mode][str(c)]["prompts_per_s"] for c in found], marker="o", label=label)
@@ -140,17 +147,18 @@ def served_prompts(results: Dict, path: Path) -> str:
     rate_ax.set(xlabel="prompts per request (one image)", ylabel="prompts / s",
                 title="evf_sam_prompts throughput (concurrency 1)")
     _prompt_count_axes(rate_ax, counts, legend_size=7)
-    bars = [(f"{mode.replace('_', ' ')} N={c}", points[mode][str(c)]) for c in counts for mode in SERVED_MODES
-            if str(c) in points.get(mode, {})]
-    for row, (_, point) in enumerate(bars):
+    parts = server_parts(results)
+    bars = served_points(results)
+    for row, point in enumerate(bars):
         left = 0.0
-        for index, (part, label) in enumerate(SERVED_PARTS.items()):
-            value = max(point["engines"][part]["ms"], 0.0)
-            time_ax.barh(row, value, left=left, color=f"C{index}", label=label if row == 0 else None)
+        for index, part in enumerate(parts):
+            value = max(point["models"][part]["total_ms" if part != "own" else "compute_ms"], 0.0)
+            time_ax.barh(row, value, left=left, color=f"C{index}", label=PART_LABELS.get(part, part) if row == 0 else None)
             left += value
-    time_ax.set_yticks(range(len(bars)), [label for label, _ in bars], fontsize=7)
+    time_ax.set_yticks(range(len(bars)), [f"{p['model']} {p['mode'].replace('_', ' ')} N={p['prompts']}" for p in bars],
+                       fontsize=7)
     time_ax.invert_yaxis()
-    time_ax.set(xlabel="ms per request (Triton's counters)", title="Where a request's time goes")
+    time_ax.set(xlabel="ms per request (Triton's statistics)", title="Where a request's time goes")
     time_ax.legend(fontsize=7)
     time_ax.grid(axis="x", alpha=0.3)
     return save_figure(fig, path)
@@ -159,11 +167,13 @@ def served_prompts(results: Dict, path: Path) -> str:
 def write_all(results: Dict, out_dir: Path) -> List[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [latency_percentiles(results, out_dir / "latency_percentiles.png"),
-               stage_breakdown(results, out_dir / "stage_breakdown.png"),
-               batch_scaling(results, out_dir / "batch_scaling.png"),
-               prompt_scaling(results, out_dir / "prompt_scaling.png")]
+               stage_breakdown(results, out_dir / "stage_breakdown.png")]
+    if results.get("batch_scaling"):
+        written.append(batch_scaling(results, out_dir / "batch_scaling.png"))
+    if results.get("prompt_scaling"):
+        written.append(prompt_scaling(results, out_dir / "prompt_scaling.png"))
     if results.get("triton", {}).get("models"):
         written.insert(0, throughput_vs_concurrency(results, out_dir / "throughput_vs_concurrency.png"))
-    if results.get("served_prompts", {}).get("points"):
+    if results.get("served", {}).get("prompts"):
         written.append(served_prompts(results, out_dir / "served_prompts.png"))
     return written

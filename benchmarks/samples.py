@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
+import struct
+import zlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -55,3 +57,30 @@ def load_samples(images: Sequence[Path], prompts: Sequence[str] = PROMPTS) -> Li
                image=data[i % len(images)], prompt=prompts[i % len(prompts)])
         for i in range(count)
     ]
+
+
+JPEG_SOI, JPEG_COMMENT = b"\xff\xd8", b"\xff\xfe"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_IHDR_END = len(PNG_SIGNATURE) + 4 + 4 + 13 + 4  # length, type, IHDR data, CRC
+
+
+def tagged(image: bytes, tag: bytes) -> bytes:
+    """The same encoded image with `tag` in a metadata segment (a JPEG comment, a PNG tEXt chunk): the
+    same pixels once decoded, other bytes, so another image_key (the cache cannot recognise it)."""
+    if image.startswith(JPEG_SOI):
+        return JPEG_SOI + JPEG_COMMENT + struct.pack(">H", len(tag) + 2) + tag + image[len(JPEG_SOI):]
+    if image.startswith(PNG_SIGNATURE):
+        body = b"tEXt" + b"Comment\x00" + tag
+        chunk = struct.pack(">I", len(body) - 4) + body + struct.pack(">I", zlib.crc32(body))
+        return image[:PNG_IHDR_END] + chunk + image[PNG_IHDR_END:]
+    raise ValueError("only JPEG and PNG samples can be tagged")
+
+
+def distinct_images(samples: Sequence[Sample], copies: int) -> List[Sample]:
+    """`copies` passes over `samples`, every sample's image tagged with its own number: no two requests
+    of a perf_analyzer run carry the same bytes, so concurrent requests never share one image's encoder
+    run (the cache's claims would let the second wait for the first)."""
+    count = copies * len(samples)
+    return [replace(samples[i % len(samples)], name=f"{samples[i % len(samples)].name}#{i}",
+                    image=tagged(samples[i % len(samples)].image, f"evf-sam benchmark {i}".encode()))
+            for i in range(count)]

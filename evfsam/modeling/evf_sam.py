@@ -33,28 +33,20 @@ class EvfSamModel(EvfBase):
         prompt_encoder = self.visual_model.prompt_encoder
         decoder = self.visual_model.mask_decoder
         batch = text_embeds.shape[0]
-        # The prompt encoder with only a text prompt: sparse = the text token, dense = no-mask embed.
-        sparse = text_embeds
-        dense = prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(
-            batch, -1, image_embeddings.shape[-2], image_embeddings.shape[-1]
-        )
-        image_pe = prompt_encoder.get_dense_pe()
-
+        # The prompt encoder with only a text prompt: sparse = the text token, dense = the no-mask
+        # embedding.  The image side (embedding + dense, positional encoding) keeps the images' batch:
+        # the transformer's attention broadcasts it over the prompts, so no copy of the 64x64 maps is
+        # made per prompt and its first block projects the image tokens once.
         output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-        tokens = torch.cat((output_tokens.unsqueeze(0).expand(batch, -1, -1), sparse), dim=1)
-        src = image_embeddings.expand(batch, -1, -1, -1) + dense
-        pos_src = image_pe.expand(batch, -1, -1, -1)
-        b, c, h, w = src.shape
-        hs, src = decoder.transformer(src, pos_src, tokens)
+        tokens = torch.cat((output_tokens.unsqueeze(0).expand(batch, -1, -1), text_embeds), dim=1)
+        src = image_embeddings + prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        _, c, h, w = src.shape
+        hs, src = decoder.transformer(src, prompt_encoder.get_dense_pe(), tokens)
         iou_token_out = hs[:, 0, :]
-        mask_tokens_out = hs[:, 1 : (1 + decoder.num_mask_tokens), :]
-        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)],
-            dim=1,
-        )
-        b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, decoder.num_mask_tokens, h, w)
-        iou_pred = decoder.iou_prediction_head(iou_token_out)
+        upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(batch, c, h, w))
         # multimask_output=False, as upstream's inference: the first mask token only.
-        return masks[:, 0:1], iou_pred[:, 0:1]
+        hyper_in = decoder.output_hypernetworks_mlps[0](hs[:, 1, :]).unsqueeze(1)
+        b, c, h, w = upscaled.shape
+        masks = (hyper_in @ upscaled.reshape(b, c, h * w)).reshape(b, 1, h, w)
+        iou_pred = decoder.iou_prediction_head(iou_token_out)
+        return masks, iou_pred[:, 0:1]

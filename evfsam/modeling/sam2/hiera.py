@@ -132,7 +132,9 @@ class MultiScaleBlock(nn.Module):
                 # The queries were pooled: the windows and the map shrank by the stride.
                 window_size //= self.q_stride[0]
                 hw = shortcut.shape[1:3]
-                padded_hw = tuple(-(-size // window_size) * window_size for size in hw)
+                # ceil without a negative floor division: ONNX's integer Div truncates, so a traced
+                # -(-size // ws) would round down where the windows were padded.
+                padded_hw = tuple((size + window_size - 1) // window_size * window_size for size in hw)
             x = window_unpartition(x, window_size, padded_hw, hw)
 
         x = shortcut + x

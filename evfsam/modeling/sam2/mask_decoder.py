@@ -85,7 +85,8 @@ class MaskDecoder(nn.Module):
         prompts = sparse_prompt_embeddings.shape[0]
         output_tokens = torch.cat([self.obj_score_token.weight, self.iou_token.weight, self.mask_tokens.weight], dim=0)
         tokens = torch.cat((output_tokens.unsqueeze(0).expand(prompts, -1, -1), sparse_prompt_embeddings), dim=1)
-        src = (image_embeddings + dense_prompt_embeddings).expand(prompts, -1, -1, -1)
+        # Image batch, not prompts: the transformer's attention broadcasts one image over the prompts.
+        src = image_embeddings + dense_prompt_embeddings
         _, channels, height, width = src.shape
 
         hs, image_tokens = self.transformer(src, image_pe, tokens)
