@@ -1,4 +1,4 @@
-"""The `evf_sam` ensemble on a real tritonserver: correctness, the bad-input contract, concurrency,
+"""`evf_sam` on a real tritonserver: correctness, the bad-input contract, concurrency,
 graceful stop."""
 from __future__ import annotations
 
