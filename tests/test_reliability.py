@@ -5,6 +5,7 @@ client deadlines, every fault) are `make reliability`, with committed results.""
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import signal
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.reliability import cobatch, fuzz, models, overload, probes
+from benchmarks import pa_inputs
+from benchmarks.reliability import cobatch, fuzz, models, overload, probes, soak
 from benchmarks.reliability.faults import Requests
 from benchmarks.reliability.inputs import SAMPLE_IMAGE, image_set, unique_jpeg
 from benchmarks.reliability.launcher import Launcher
@@ -48,6 +50,19 @@ def test_declared_size_edit_is_what_a_decoder_reads(fmt):
     edited = fuzz.set_declared_size(fmt, data, 3000, 2000)
     assert len(edited) == len(data)
     assert Image.open(io.BytesIO(edited)).size == (3000, 2000)
+
+
+def test_soak_inputs_are_perf_analyzer_steps_of_every_image(tmp_path):
+    images = image_set(3)
+    paths = soak.write_inputs(images, tmp_path)
+    def elements(entry):
+        return pa_inputs.deserialize_bytes_tensor(pa_inputs.decode_entry(entry))
+
+    single = json.loads(paths["evf_sam"].read_text())["data"]
+    assert [elements(step["image"]) for step in single] == [[image] for image in images]
+    many = json.loads(paths["evf_sam_prompts"].read_text())["data"]
+    assert [elements(step["image"]) for step in many] == [[image] for image in images]
+    assert all(len(elements(step["prompts"])) == soak.PROMPTS_PER_REQUEST for step in many)
 
 
 def test_fuzz_cases_are_reproducible_and_cover_every_category():

@@ -42,7 +42,7 @@ def write_inputs(images: Sequence[bytes], out_dir: Path) -> Dict[str, Path]:
     """perf_analyzer --input-data: every image with a prompt (evf_sam), every image with 4 prompts
     (evf_sam_prompts); image bytes only, so every request is valid whatever the cache holds."""
     samples = [Sample(f"image{i}", image, PROMPTS[i % len(PROMPTS)]) for i, image in enumerate(images)]
-    return {EVF_SAM.name: pa_inputs.write_json(pa_inputs.ensemble_input_data(samples), out_dir / "evf_sam.json"),
+    return {EVF_SAM.name: pa_inputs.write_json(pa_inputs.single_prompt_input_data(samples), out_dir / "evf_sam.json"),
             EVF_SAM_PROMPTS.name: pa_inputs.write_json(pa_inputs.prompts_input_data(samples, PROMPTS_PER_REQUEST),
                                                        out_dir / "evf_sam_prompts.json")}
 
