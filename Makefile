@@ -45,6 +45,7 @@ help:
 	@echo "make serve-cluster  REPLICAS=N tritonservers behind Envoy routing by image (same knobs, ENVOY_ADMIN_PORT)"
 	@echo "make ui          a web page to try the server: masks over an image (UI_PORT, URL, PROTOCOL; docs/ui.md)"
 	@echo "make bench       CPU benchmark suite -> benchmarks/results/<machine>-<date>/"
+	@echo "make reliability  soak, overload, client deadlines, faults, fuzz, co-batching (~1 h) -> benchmarks/results/<machine>-<date>-reliability/"
 	@echo "make bench-cluster  replicas behind Envoy: affinity vs round robin, remapping, a killed replica"
 
 install: $(VENV)/.installed $(if $(filter gpu,$(DEVICE)),$(VENV)/.installed-gpu)
@@ -125,4 +126,5 @@ clean:
 
 -include docker/docker.mk
 -include benchmarks/bench.mk
+-include benchmarks/reliability.mk
 -include ui/ui.mk

@@ -30,6 +30,11 @@ class TritonPythonModel:
         self.input_names = [i["name"] for i in config["input"]]
         self.output_names = [o["name"] for o in config["output"]]
         self.name = config["name"]
+        # Rows per ONNX Runtime run (0: as Triton batched them).  Its CPU memory arena keeps what the largest
+        # run needed and runs of several sizes fragment it: a SAM ViT-B encoder fed 1, 2, 3, 4, 2 images grew
+        # to 12.3 GB and was OOM-killed at the next 4; one image per run stays at 4.2 GB
+        # (benchmarks/reliability, the ViT-B soak).
+        self.max_rows = int(params.get("max_rows_per_run", "0"))
         # A model Triton does not batch (the mask decoders: one image, N prompts) runs request by request.
         self.batched = config.get("max_batch_size", 0) > 0
         pb_utils.Logger.log_info(f"{self.name}: onnxruntime providers {self.session.get_providers()}")
@@ -56,11 +61,11 @@ class TritonPythonModel:
 
     def _run_together(self, feeds):
         if len(feeds) == 1:  # also every request of a model Triton does not batch: outputs as they come
-            outputs = self.session.run(self.output_names, feeds[0])
+            outputs = self._run(feeds[0])
             return [pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor(name, out) for name, out in zip(self.output_names, outputs)])]
         batched = {name: np.concatenate([f[name] for f in feeds]) for name in self.input_names}
-        outputs = self.session.run(self.output_names, batched)
+        outputs = self._run(batched)
         bounds = np.cumsum([0] + [f[self.input_names[0]].shape[0] for f in feeds])
         return [
             pb_utils.InferenceResponse(output_tensors=[
@@ -68,6 +73,15 @@ class TritonPythonModel:
             ])
             for start, stop in zip(bounds[:-1], bounds[1:])
         ]
+
+
+    def _run(self, feed):
+        rows = feed[self.input_names[0]].shape[0]
+        if not self.batched or self.max_rows <= 0 or rows <= self.max_rows:
+            return self.session.run(self.output_names, feed)
+        parts = [self.session.run(self.output_names, {name: value[start:start + self.max_rows] for name, value in feed.items()})
+                 for start in range(0, rows, self.max_rows)]
+        return [np.concatenate(outputs) for outputs in zip(*parts)]
 
 
 def _providers(names, device_id):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .routing_policy import DEFAULT_POLICY, RoutingPolicy
-from .server import _terminate_with_parent
+from .server import with_parent_death_signal
 
 PROTOCOLS = ("grpc", "http")
 AFFINITY, LEAST_REQUEST = "affinity", "least_request"
@@ -238,8 +238,8 @@ class Envoy:
 
     def start(self) -> "Envoy":
         output = open(self.log_file, "ab") if self.log_file else None
-        self.process = subprocess.Popen(self.command(), stdout=output, stderr=subprocess.STDOUT if output else None,
-                                        start_new_session=True, preexec_fn=_terminate_with_parent)
+        self.process = subprocess.Popen(with_parent_death_signal(self.command()), stdout=output,
+                                        stderr=subprocess.STDOUT if output else None, start_new_session=True)
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> None:

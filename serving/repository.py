@@ -36,7 +36,7 @@ from evfsam import provenance
 from evfsam.model_config import (DEFAULT_BLS_TIMEOUT_S, DEFAULT_MAX_ENCODED_OUTPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS,
                                  CacheSettings, InputLimits, PipelineSettings)
 from evfsam.processing import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
-from evfsam.specs import (BATCH, EVF_SAM, EVF_SAM_PROMPTS, IMAGES, MAX_TEXT_TOKENS, TEXT_BUCKET, TEXT_LEN,
+from evfsam.specs import (BATCH, EVF_SAM, EVF_SAM_PROMPTS, FAMILIES, IMAGES, MAX_TEXT_TOKENS, TEXT_BUCKET, TEXT_LEN,
                           TOKENIZER_FILE, FamilySpec,
                           GraphSpec, ServedModelSpec, TensorSpec, family, image_cache_spec)
 
@@ -53,6 +53,10 @@ EVFSAM_DIR = Path(__file__).resolve().parent.parent / "evfsam"
 # Image features per cached image: 4 MiB (EVF-SAM) or 16 MiB (EVF-SAM2), + the BEiT-3 view: the
 # default budgets hold ~110 images of either family.
 DEFAULT_CACHE_MIB = {"ori": 512, "sam2": 1824}
+# python-ort on CPU runs the image encoders one image at a time (see model_repository/ort_engine.py):
+# mixed batch sizes grow ONNX Runtime's memory arena, and a CPU gains little from batching a real-size
+# encoder (SAM ViT-B here: 13 s for one image, 69 s for four, on a shared machine).
+CPU_ONE_ROW_PER_RUN = {f.image_encoder.name for f in FAMILIES.values()}
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,9 @@ class RepositoryOptions:
     ort_threads: int = 0  # python-ort intra-op threads; 0 = ONNX Runtime's default
     max_queue_size: int = 64
     queue_timeout_us: int = 60_000_000
+    # How long a request may wait in `evf_sam`'s / `evf_sam_prompts`' queue (None: queue_timeout_us).  Clients
+    # with short deadlines are served better by a short one (docs: Reliability), others get more rejections.
+    served_queue_timeout_us: Optional[int] = None
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_text_tokens: int = MAX_TEXT_TOKENS
@@ -98,13 +105,20 @@ def parameters(values: Mapping[str, object]) -> List[Dict]:
     return [{"key": k, "value": {"string_value": str(v)}} for k, v in values.items()]
 
 
-def queue_policy(opts: RepositoryOptions) -> Dict:
+def queue_policy(opts: RepositoryOptions, timeout_us: Optional[int] = None) -> Dict:
     return {
         "max_queue_size": opts.max_queue_size,
         "timeout_action": Enum("REJECT"),
-        "default_timeout_microseconds": opts.queue_timeout_us,
-        "allow_timeout_override": True,  # a client's (or a BLS call's) own timeout applies
+        "default_timeout_microseconds": opts.queue_timeout_us if timeout_us is None else timeout_us,
+        # A client's (or a BLS call's) own timeout applies if it is shorter: Triton 2.51 never lets a
+        # request wait longer than the default (measured), hence `internal_queue_timeout_us`.
+        "allow_timeout_override": True,
     }
+
+
+def internal_queue_timeout_us(opts: RepositoryOptions) -> int:
+    """The queue timeout of the models the pipeline calls: at least the BLS timeout, which cannot raise it."""
+    return max(opts.queue_timeout_us, int(opts.bls_timeout_s * 1e6))
 
 
 def warmup_entry(spec: GraphSpec) -> Dict:
@@ -163,15 +177,17 @@ def engine_config(spec: GraphSpec, opts: RepositoryOptions) -> Dict:
         config["optimization"] = ort_gpu_accelerators(spec, opts)
     if opts.flavor == "python-ort":
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+        rows_per_run = 1 if not gpu and spec.name in CPU_ONE_ROW_PER_RUN else 0
         config["parameters"] = parameters({"onnx_file": spec.onnx_file, "intra_op_threads": opts.ort_threads,
-                                           "execution_providers": json.dumps(providers)})
+                                           "execution_providers": json.dumps(providers),
+                                           "max_rows_per_run": rows_per_run})
     if opts.warmup:
         config["model_warmup"] = [warmup_entry(spec)]
     return config
 
 
 def _engine_batching(spec: GraphSpec, opts: RepositoryOptions) -> Dict:
-    batching: Dict = {"default_queue_policy": queue_policy(opts)}
+    batching: Dict = {"default_queue_policy": queue_policy(opts, internal_queue_timeout_us(opts))}
     if spec.triton_batching:
         batching.update(preferred_batch_size=list(spec.preferred_batch_sizes),
                         max_queue_delay_microseconds=spec.max_queue_delay_us)
@@ -187,7 +203,7 @@ def served_config(spec: ServedModelSpec, opts: RepositoryOptions, params: Mappin
         "input": [io_entry(t, spec.max_batch_size > 0) for t in spec.inputs],
         "output": [io_entry(t, spec.max_batch_size > 0) for t in spec.outputs],
         "instance_group": [{"count": opts.front_instances, "kind": Enum("KIND_CPU")}],
-        "dynamic_batching": {"default_queue_policy": queue_policy(opts)},
+        "dynamic_batching": {"default_queue_policy": queue_policy(opts, opts.served_queue_timeout_us)},
         "parameters": parameters(params),
     }
 
@@ -206,7 +222,7 @@ def cache_config(family_spec: FamilySpec, opts: RepositoryOptions) -> Dict:
         "instance_group": [{"count": 1, "kind": Enum("KIND_CPU")}],
         "model_transaction_policy": {"decoupled": True},
         "dynamic_batching": {"default_queue_policy": queue_policy(replace(opts, max_queue_size=max(
-            opts.max_queue_size, 8 * opts.front_instances)))},
+            opts.max_queue_size, 8 * opts.front_instances)), internal_queue_timeout_us(opts))},
         "parameters": parameters(settings.to_parameters()),
     }
 
@@ -309,6 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--front-instances", type=int, default=4, help="requests in flight per served model")
     parser.add_argument("--ort-threads", type=int, default=0)
     parser.add_argument("--max-queue-size", type=int, default=64)
+    parser.add_argument("--served-queue-timeout-ms", type=float, default=None,
+                        help="longest wait in evf_sam's / evf_sam_prompts' queue (default: 60 s, as every model)")
     parser.add_argument("--cache-mib", type=int, default=None,
                         help=f"image feature cache budget (default per family: {DEFAULT_CACHE_MIB})")
     parser.add_argument("--max-output-pixels", type=int, default=DEFAULT_MAX_OUTPUT_PIXELS,
@@ -321,6 +339,7 @@ def options_from(args: argparse.Namespace) -> RepositoryOptions:
     return RepositoryOptions(
         flavor=args.flavor, device=args.device, engine_instances=args.engine_instances,
         front_instances=args.front_instances, ort_threads=args.ort_threads, max_queue_size=args.max_queue_size,
+        served_queue_timeout_us=None if args.served_queue_timeout_ms is None else int(args.served_queue_timeout_ms * 1000),
         cache_bytes=None if args.cache_mib is None else args.cache_mib * 1024**2,
         max_output_pixels=args.max_output_pixels, bls_timeout_s=args.bls_timeout_s, warmup=not args.no_warmup)
 

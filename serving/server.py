@@ -3,7 +3,9 @@
     python -m serving.server --repository build/model_repository [--http-port 8000 ...]
 
 Runs in the foreground until SIGTERM / SIGINT, restarting tritonserver if it crashes (tritonserver
-2.51 can crash when a gRPC client cancels a request in flight: triton-inference-server issue 7368).
+2.51 can crash when a gRPC client cancels a request in flight: triton-inference-server issue 7368) or
+if one of its python-backend stub processes dies (2.51 never restarts a stub: its model instance then
+fails every request it gets while readiness stays 200).
 On a stop it drains first: it waits (up to --drain-timeout) until no request is inside `evf_sam` or
 `evf_sam_prompts` (each counts its requests in and out in one try/finally, so a failed or rejected
 request cannot leave a phantom) and none is queued at any model, and only then sends SIGTERM to
@@ -32,10 +34,13 @@ from typing import List, Optional
 
 from evfsam.specs import PIPELINE_FINISHED_METRIC, PIPELINE_STARTED_METRIC
 
-from . import metrics
+from . import metrics, processes
 
 
 CRASH_WINDOW_S = 600
+# A tritonserver with a dead stub waits its whole --exit-timeout-secs for that model on SIGTERM: what
+# is in flight elsewhere gets this long to finish before the launcher kills it and starts afresh.
+DEAD_STUB_STOP_S = 10.0
 
 
 class ServerError(RuntimeError):
@@ -98,14 +103,14 @@ def free_ports(count: int) -> List[int]:
     return ports
 
 
-def _terminate_with_parent() -> None:
-    """Linux: SIGTERM tritonserver if the process that started it dies (no orphaned servers)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def with_parent_death_signal(argv: List[str]) -> List[str]:
+    """`argv` run under `setpriv --pdeathsig TERM` (util-linux): the program gets SIGTERM if the process
+    that started it dies (no orphaned servers); as it is where setpriv is missing.  Not a `preexec_fn`
+    calling prctl: that makes Popen fork and run Python in the child, and in a process that has used
+    gRPC, grpcio's fork handlers then abort the child now and then ("epoll_wait error: Bad file
+    descriptor", exit -6: 8 of 200 starts here; none without a preexec_fn)."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else list(argv)
 
 
 @dataclass
@@ -120,6 +125,8 @@ class TritonServer:
     ready_timeout: float = 300.0  # for run() and `with`
     process: Optional[subprocess.Popen] = None
     work_dir: Optional[Path] = None
+    stubs_at_ready: List[str] = field(default_factory=list)  # python-backend model instances seen ready
+    shm_regions: List[str] = field(default_factory=list)  # their /dev/shm regions, removed once Triton is gone
 
     @classmethod
     def on_free_ports(cls, repository: Path, **options) -> "TritonServer":
@@ -172,15 +179,16 @@ class TritonServer:
     def start(self, work_dir: Optional[Path] = None) -> "TritonServer":
         self.check_ports_free()
         install = TritonInstall.find()
+        self.remove_leftover_shm()
+        self.stubs_at_ready = []
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="evfsam-triton-"))
         backend_dir = install.backend_directory(self.work_dir)
         output = open(self.log_file, "ab") if self.log_file else None
         # cwd outside the source tree: the repository's python models must import their own copies
         self.process = subprocess.Popen(
-            self.command(install, backend_dir), env=install.environment(), cwd=self.work_dir,
+            with_parent_death_signal(self.command(install, backend_dir)), env=install.environment(), cwd=self.work_dir,
             stdout=output, stderr=subprocess.STDOUT if output else None,
             start_new_session=True,  # a terminal's Ctrl-C reaches only us; we drain, then stop Triton
-            preexec_fn=_terminate_with_parent,
         )
         return self
 
@@ -194,11 +202,26 @@ class TritonServer:
             try:
                 with urllib.request.urlopen(url, timeout=2) as response:
                     if response.status == 200:
+                        self.stubs_at_ready = sorted(processes.stub_processes(self.process.pid))
+                        self.shm_regions = processes.stub_shm_regions(self.process.pid)
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             time.sleep(0.5)
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s")
+
+    def dead_stubs(self) -> List[str]:
+        """Model instances whose python-backend stub was alive at readiness and is gone now."""
+        if self.process is None or self.process.poll() is not None:
+            return []
+        alive = processes.stub_processes(self.process.pid)
+        return [instance for instance in self.stubs_at_ready if instance not in alive]
+
+    def remove_leftover_shm(self) -> None:
+        """After tritonserver has exited: the stubs' shared memory that a kill left in /dev/shm."""
+        if self.process is not None and self.process.poll() is not None:
+            processes.remove_shm_regions(self.shm_regions)
+            self.shm_regions = []
 
     def requests_in_flight(self) -> int:
         """Requests inside the pipeline (started - finished) plus those queued at any model."""
@@ -231,6 +254,8 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             return self.process.wait()
+        finally:
+            self.remove_leftover_shm()
 
     def run(self) -> "TritonServer":
         """Start and wait until ready (`ready_timeout`); stopped again if it never gets there."""
@@ -284,11 +309,17 @@ def main(argv=None) -> int:
               "Stop with Ctrl-C (or SIGTERM): requests in flight are finished first.", flush=True)
     crashes: List[float] = []
     while not stop_requested:
-        if server.process.poll() is None:
+        dead = server.dead_stubs()
+        if server.process.poll() is None and not dead:
             time.sleep(0.2)
             continue
         crashes = [t for t in crashes if t > time.time() - CRASH_WINDOW_S] + [time.time()]
-        print(f"error: tritonserver exited unexpectedly with code {server.process.returncode}", file=sys.stderr)
+        if dead:
+            print(f"error: the python-backend stub of {', '.join(dead)} died and tritonserver does not restart it",
+                  file=sys.stderr)
+            server.stop(timeout=DEAD_STUB_STOP_S, drain_timeout=0)
+        else:
+            print(f"error: tritonserver exited unexpectedly with code {server.process.returncode}", file=sys.stderr)
         if len(crashes) > args.max_restarts:
             print(f"error: {len(crashes)} exits within {CRASH_WINDOW_S} s; giving up", file=sys.stderr)
             return 1

@@ -1,0 +1,109 @@
+"""The processes of a running tritonserver, read from Linux's /proc: its python-backend stubs (one per
+model instance) and their resident memory.
+
+Triton 2.51 starts one `triton_python_backend_stub` process per python-backend model instance and
+never restarts one that dies: the instance then fails every request it is given while the server's
+and the model's readiness stay 200.  Watching these processes is the only way to notice.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Dict, List, Optional
+
+STUB_BINARY = "triton_python_backend_stub"
+# The stub's argv (python_backend 2.51 stub_launcher): binary, model.py, shm region, shm size, shm growth,
+# parent pid, python lib dir, ipc handle, *instance name*, model dir.
+STUB_SHM_ARG = 2
+STUB_INSTANCE_ARG = 8
+SHM_DIR = "/dev/shm"
+
+
+def children(pid: int) -> List[int]:
+    """The live child processes of `pid` (started by any of its threads)."""
+    found: List[int] = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            with open(path) as handle:
+                found += [int(child) for child in handle.read().split()]
+        except (OSError, ValueError):
+            continue
+    return sorted(set(found))
+
+
+def state(pid: int) -> Optional[str]:
+    """The process's one-letter state (R, S, D, Z, ...), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _stub_argv(pid: int) -> Optional[List[str]]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            argv = [arg.decode(errors="replace") for arg in handle.read().split(b"\0")]
+    except OSError:
+        return None
+    if len(argv) <= STUB_INSTANCE_ARG or not argv[0].endswith(STUB_BINARY):
+        return None
+    return argv
+
+
+def stub_instance(pid: int) -> Optional[str]:
+    """The model instance a python-backend stub serves (e.g. 'evf_sam_0_1'), None for other processes."""
+    argv = _stub_argv(pid)
+    return None if argv is None else argv[STUB_INSTANCE_ARG]
+
+
+def stub_shm_regions(server_pid: int) -> List[str]:
+    """The shared-memory regions (/dev/shm names) of the live stubs of tritonserver `server_pid`.
+    Triton unlinks a region when its stub stops cleanly, never after a SIGKILL of the stub or of
+    tritonserver: they stay in /dev/shm (RAM) until someone removes them."""
+    regions = []
+    for pid in stub_processes(server_pid).values():
+        argv = _stub_argv(pid)
+        if argv is not None:
+            regions.append(argv[STUB_SHM_ARG])
+    return regions
+
+
+def remove_shm_regions(names: List[str]) -> List[str]:
+    """Unlink those of `names` still in /dev/shm (only names a stub was started with: never another's);
+    returns what was removed."""
+    removed = []
+    for name in names:
+        if "/" in name or not name:
+            continue
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+            removed.append(name)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def stub_processes(server_pid: int) -> Dict[str, int]:
+    """instance name -> pid of every live python-backend stub of the tritonserver `server_pid` (a killed
+    stub that Triton has not reaped is a zombie with no command line: it is not listed)."""
+    stubs = {}
+    for pid in children(server_pid):
+        if state(pid) in (None, "Z"):
+            continue
+        instance = stub_instance(pid)
+        if instance is not None:
+            stubs[instance] = pid
+    return stubs
+
+
+def rss_bytes(pid: int) -> Optional[int]:
+    """Resident set size of `pid` (VmRSS), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
