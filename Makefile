@@ -6,7 +6,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BUILD ?= build
-DEMO_CHECKPOINT := $(BUILD)/demo_checkpoint
+# The committed demo model (trained on generated shapes: assets/demo-checkpoint/TRAINING.md) and a
+# scene it was not trained on, with the ground truth of the default prompt.
+DEMO_CHECKPOINT := assets/demo-checkpoint
+DEMO_IMAGE := assets/demo_scene.png
+DEMO_PROMPT := the red triangle
 CHECKPOINT ?= $(DEMO_CHECKPOINT)
 ONNX_DIR ?= $(BUILD)/onnx
 REPO_DIR ?= $(BUILD)/model_repository
@@ -21,8 +25,8 @@ METRICS_PORT ?= 8002
 ADDRESS ?= 127.0.0.1
 REPLICAS ?= 2
 ENVOY_ADMIN_PORT ?= 9901
-PROMPT ?= zebra top left
-IMAGE ?= assets/sample.jpg
+PROMPT ?= $(DEMO_PROMPT)
+IMAGE ?= $(DEMO_IMAGE)
 PYTEST_ARGS ?=
 # Meta's SAM-2, the reference of the SAM-2 parity tests (see the install recipe).
 SAM2_REFERENCE := sam2==1.1.0
@@ -32,7 +36,7 @@ export PYTHONPATH := $(CURDIR)
 .PHONY: help install test test-slow demo export onnx engines repository prepare serve serve-cluster bench clean
 
 help:
-	@echo "make demo        set up, export a checkpoint, serve it, run one request (CHECKPOINT=dir|hub-id)"
+	@echo "make demo        set up, export a checkpoint, serve it, run one request (CHECKPOINT=dir|hub-id IMAGE= PROMPT=)"
 	@echo "make test        set up and run the test suite (real tritonserver, real ONNX Runtime)"
 	@echo "make export      ONNX graphs + validation (+ TensorRT plans where TensorRT is importable)"
 	@echo "make repository  generate the Triton model repository (FLAVOR=python-ort|onnxruntime|tensorrt, DEVICE=cpu|gpu)"
@@ -71,15 +75,14 @@ test: install
 test-slow: install
 	$(PY) -m pytest -q -m slow $(PYTEST_ARGS)
 
-$(DEMO_CHECKPOINT)/config.json: | install
-	$(PY) -m export.tiny_checkpoint $(DEMO_CHECKPOINT)
-
 ifeq ($(CHECKPOINT),$(DEMO_CHECKPOINT))
-CHECKPOINT_DEP := $(DEMO_CHECKPOINT)/config.json
-RANDOM_WEIGHTS := --random-weights
+DEMO_FLAGS := --demo-model
+endif
+ifeq ($(IMAGE),$(DEMO_IMAGE))  # the mask names its prompt; the demo scores only that prompt
+DEMO_FLAGS += --ground-truth assets/ground_truth/demo_scene.png
 endif
 
-onnx: install $(CHECKPOINT_DEP)
+onnx: install
 	$(PY) -m export --checkpoint $(CHECKPOINT) --output-dir $(ONNX_DIR) $(if $(RECIPE),--recipe $(RECIPE))
 
 export: onnx engines
@@ -100,7 +103,7 @@ repository: install
 	$(PY) -m serving.repository --flavor $(FLAVOR) --device $(DEVICE) --onnx-dir $(ONNX_DIR) --output $(REPO_DIR) $(REPO_ARGS)
 
 # The repository always serves CHECKPOINT: whatever was exported or generated from something else is rebuilt.
-prepare: install $(CHECKPOINT_DEP)
+prepare: install
 	$(PY) -m serving.prepare --checkpoint $(CHECKPOINT) $(if $(RECIPE),--recipe $(RECIPE)) --onnx-dir $(ONNX_DIR) \
 		--repository $(REPO_DIR) --flavor $(FLAVOR) --device $(DEVICE) $(REPO_ARGS)
 
@@ -116,7 +119,7 @@ serve-cluster: prepare
 
 demo: prepare
 	$(PY) -m serving.demo --repository $(REPO_DIR) --image $(IMAGE) --prompt "$(PROMPT)" \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(RANDOM_WEIGHTS)
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) $(DEMO_FLAGS)
 
 clean:
 	rm -rf $(BUILD) demo_output

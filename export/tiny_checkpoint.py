@@ -92,27 +92,13 @@ def write_sentencepiece(out_dir: Path, seed: int = 0, added_tokens: Sequence[str
     """
     import random
 
-    import sentencepiece as spm
-
     rng = random.Random(seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    corpus = out_dir / "spm_corpus.txt"
-    corpus.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(2, 9))) for _ in range(3000)))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(out_dir / "sentencepiece.bpe"),
-        vocab_size=SPM_VOCAB,
-        model_type="unigram",
-        character_coverage=1.0,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        hard_vocab_limit=False,
-        minloglevel=2,
-    )
-    corpus.unlink()
-    (out_dir / "sentencepiece.bpe.vocab").unlink()
+    train_sentencepiece(out_dir, [" ".join(rng.choices(WORDS, k=rng.randint(2, 9))) for _ in range(3000)], SPM_VOCAB)
+    write_tokenizer_files(out_dir, added_tokens)
+
+
+def write_tokenizer_files(out_dir: Path, added_tokens: Sequence[str] = ()) -> None:
+    """XLM-R's special tokens and tokenizer config next to `sentencepiece.bpe.model` (+ `added_tokens`)."""
     special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
                "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"}
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
@@ -125,6 +111,31 @@ def write_sentencepiece(out_dir: Path, seed: int = 0, added_tokens: Sequence[str
         tokenizer = XLMRobertaTokenizer.from_pretrained(str(out_dir))
         tokenizer.add_tokens(list(added_tokens))
         tokenizer.save_pretrained(str(out_dir))
+
+
+def train_sentencepiece(out_dir: Path, lines, vocab_size: int) -> Path:
+    """`sentencepiece.bpe.model` (unigram, XLM-R's piece ids: unk=0, <s>=1, </s>=2) trained on `lines`."""
+    import sentencepiece as spm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    corpus = out_dir / "spm_corpus.txt"
+    corpus.write_text("\n".join(lines))
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(out_dir / "sentencepiece.bpe"),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    corpus.unlink()
+    (out_dir / "sentencepiece.bpe.vocab").unlink()
+    return out_dir / "sentencepiece.bpe.model"
 
 
 def random_state_dict(config: EvfConfig, seed: int) -> Dict[str, torch.Tensor]:

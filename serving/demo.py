@@ -1,7 +1,11 @@
 """`make demo`: serve the generated repository, send one real request, write the mask and an overlay.
 
-    python -m serving.demo --repository build/model_repository --image assets/sample.jpg \
-        --prompt "zebra top left" --output-dir demo_output [--random-weights]
+    python -m serving.demo --repository build/model_repository --image assets/demo_scene.png \
+        --prompt "the red triangle" --output-dir demo_output [--demo-model] [--ground-truth MASK.png]
+        [--random-weights]
+
+With `--ground-truth` (a 0/255 PNG mask of the image's size whose text chunk "prompt" names the prompt
+it answers) it prints the served mask's IoU against it, when the prompt is that one.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from clients.metrics import score_expression
 from evfsam.processing import decode_image
 from evfsam.specs import EVF_SAM
 
@@ -25,6 +30,14 @@ BANNER = """
 #  For real masks: make demo CHECKPOINT=YxZhang/evf-sam   (or a local checkpoint directory) #
 ############################################################################################
 """
+DEMO_MODEL_BANNER = """
+############################################################################################
+#  SMALL DEMO MODEL trained on synthetic coloured shapes (assets/demo-checkpoint/TRAINING.md): #
+#  it knows only scenes like assets/demo_scene.png, and segments even those poorly.       #
+#  For real images serve a real checkpoint (a hub id or a local checkpoint directory):      #
+#  make demo CHECKPOINT=YxZhang/evf-sam2 IMAGE=path/to/photo.jpg PROMPT="zebra top left"     #
+############################################################################################
+"""
 OVERLAY_COLOR = np.array([50, 120, 220])  # upstream inference.py's highlight colour
 
 
@@ -34,6 +47,15 @@ def overlay(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
     selected = mask.astype(bool)
     out[selected] = (rgb * 0.5 + mask[:, :, None].astype(np.uint8) * OVERLAY_COLOR * 0.5)[selected]
     return out
+
+
+def ground_truth_iou(path: Path, prompt: str, mask: np.ndarray) -> dict:
+    with Image.open(path) as image:
+        truth_prompt = image.text.get("prompt")
+        truth = (np.asarray(image.convert("L")) > 0).astype(np.uint8)
+    if truth_prompt != prompt:
+        return {"iou_vs_ground_truth": None, "ground_truth": f"{path} answers {truth_prompt!r}, not this prompt"}
+    return {"iou_vs_ground_truth": round(score_expression(mask, truth).iou, 4), "ground_truth": str(path)}
 
 
 def request(server: TritonServer, image: bytes, prompt: str):
@@ -61,9 +83,11 @@ def main(argv=None) -> int:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--random-weights", action="store_true", help="print the meaningless-mask warning")
+    parser.add_argument("--demo-model", action="store_true", help="say that the model is the synthetic-shapes demo")
+    parser.add_argument("--ground-truth", type=Path, help="the prompt's true mask (PNG): print the served mask's IoU")
     args = parser.parse_args(argv)
-    if args.random_weights:
-        print(BANNER, flush=True)
+    banner = BANNER if args.random_weights else DEMO_MODEL_BANNER if args.demo_model else ""
+    print(banner, flush=True)
     image = args.image.read_bytes()
     server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port,
                           log_file=args.output_dir / "tritonserver.log")
@@ -83,11 +107,12 @@ def main(argv=None) -> int:
     summary = {"image": str(args.image), "prompt": args.prompt, "score": score, "mask_shape": list(mask.shape),
                "foreground_fraction": float(mask.mean()), "latency_s": round(latency, 3),
                "random_weights": args.random_weights}
+    if args.ground_truth is not None:
+        summary.update(ground_truth_iou(args.ground_truth, args.prompt, mask))
     (args.output_dir / "result.json").write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.output_dir / 'mask.png'} and {args.output_dir / 'overlay.png'}; server stopped")
-    if args.random_weights:
-        print(BANNER)
+    print(banner)
     return 0
 
 
