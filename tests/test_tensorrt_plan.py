@@ -512,7 +512,8 @@ def test_builder_writes_plan_metadata_and_timing_cache(monkeypatch, tiny_graphs,
     assert (tmp_path / "timing.cache").read_bytes() == b"+timing"
     accuracy = metadata["accuracy"]
     assert accuracy["passed"] and accuracy["engine"] == "faithful" and "onnxruntime" in accuracy["reference"]
-    assert {c["case"] for c in accuracy["checks"]} == {"sample.jpg|4 prompts", "sample.jpg|1 prompt padded to 128"}
+    assert {c["case"] for c in accuracy["checks"]} == {f"{image}|{case}" for image in ("demo_scene.png", "sample.jpg")
+                                                       for case in ("4 prompts", "1 prompt padded to 128")}
 
 
 def pinning_graph() -> onnx.ModelProto:
