@@ -112,8 +112,9 @@ def render(out_dir: Path) -> None:
     print(f"wrote {report.write_summary(results, out_dir, plots)}")
 
 
-def serve(repository: Path, log_file: Path) -> TritonServer:
-    return TritonServer.on_free_ports(repository, log_file=log_file, ready_timeout=900).run()
+def server_for(repository: Path, log_file: Path) -> TritonServer:
+    """A tritonserver on free ports, started and made ready by `with`, stopped when the block ends."""
+    return TritonServer.on_free_ports(repository, log_file=log_file, ready_timeout=900)
 
 
 def main(argv=None) -> int:
@@ -133,11 +134,8 @@ def main(argv=None) -> int:
     if "overload" in phases:
         with run.phase("overload"):
             def measure_overload():
-                server = serve(repository, logs / "overload.log")
-                try:
+                with server_for(repository, logs / "overload.log") as server:
                     return overload.run(server.http_url, server.grpc_url, repository)
-                finally:
-                    server.stop()
             run.attempt("overload", measure_overload)
     if "goodput" in phases:
         run.results.setdefault("goodput", {})
@@ -155,21 +153,15 @@ def main(argv=None) -> int:
                 held = models.churn_repository(tiny_onnx, build / "tiny" / "repository-cobatch")
                 models.hold_batches(held, [s.name for s in cobatch.BATCHED_ENGINES], cobatch.GROUP_SIZE,
                                     cobatch.HOLD_DELAY_US)
-                server = serve(held, logs / "cobatch.log")
-                try:
+                with server_for(held, logs / "cobatch.log") as server:
                     return cobatch.run(server.http_url, server.grpc_url, tiny_onnx)
-                finally:
-                    server.stop()
             run.attempt("cobatch", measure_cobatch)
     if "fuzz" in phases:
         with run.phase("fuzz"):
             def measure_fuzz():
-                server = serve(repository, logs / "fuzz.log")
-                try:
+                with server_for(repository, logs / "fuzz.log") as server:
                     return fuzz.run(server.http_url, server.grpc_url, args.fuzz_requests, args.fuzz_seed,
                                     stub_check=server.dead_stubs)
-                finally:
-                    server.stop()
             run.attempt("fuzz", measure_fuzz)
     if "faults" in phases:
         with run.phase("faults"):
@@ -197,11 +189,8 @@ def main(argv=None) -> int:
 
 
 def _soak(repository: Path, plan: soak.SoakPlan, work_dir: Path, log_file: Path) -> Dict:
-    server = serve(repository, log_file)
-    try:
+    with server_for(repository, log_file) as server:
         return soak.run(server, image_set(SOAK_IMAGES), plan, work_dir / "soak")
-    finally:
-        server.stop()
 
 
 if __name__ == "__main__":
