@@ -8,6 +8,12 @@ owner gives up (bad image, cancelled, engine error, timeout) the claim is releas
 becomes the owner, so one failure never fails the other requests and never leaves them waiting.  A
 claim older than `claim_timeout_s` is treated as given up (its owner died).
 
+Claims are also the admission control of the image encoder: at most `max_claims` images are being
+computed at once, and a request that would claim one more waits here, first come first served, until
+a claim ends.  Its caller watches its own client meanwhile and withdraws when the client goes, so the
+encoder's queue holds only work that can still be delivered (issue 11: abandoned work is dropped,
+not computed).
+
 Single-threaded by design: all methods run on the one asyncio event loop of the cache's Triton model.
 """
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -50,22 +56,31 @@ class _Claim:
 
 
 class FeatureCache:
-    def __init__(self, budget_bytes: int, claim_timeout_s: float = 600.0):
+    def __init__(self, budget_bytes: int, claim_timeout_s: float = 600.0, max_claims: int = 0):
         if budget_bytes < 0:
             raise ValueError("cache budget must be >= 0 bytes")
+        if max_claims < 0:
+            raise ValueError("max_claims must be >= 0 (0: unbounded)")
         self.budget_bytes = budget_bytes
         self.claim_timeout_s = claim_timeout_s
+        self.max_claims = max_claims
         self._entries: "OrderedDict[str, CachedImage]" = OrderedDict()
         self._claims: Dict[str, _Claim] = {}
+        self._slot_waiters: "deque[asyncio.Future]" = deque()
+        self._reserved = 0  # slots handed to woken waiters that have not claimed yet
         self.hits = self.misses = self.evictions = 0
         self.bytes = 0
 
     async def get(self, key: str, claim: bool) -> Tuple[str, Optional[CachedImage]]:
         """(HIT, entry), (CLAIMED, None): the caller must `put` or `release` the key, or (UNKNOWN,
-        None) when `claim` is False and the key is neither cached nor being computed."""
+        None) when `claim` is False and the key is neither cached nor being computed.  A claim waits
+        while `max_claims` other images are being computed."""
+        holds_slot = False
         while True:
             entry = self._lookup(key)
             if entry is not None:
+                if holds_slot:
+                    self._give_back_slot()
                 self.hits += 1
                 return HIT, entry
             pending = self._claims.get(key)
@@ -75,9 +90,17 @@ class FeatureCache:
             if pending is None:
                 if not claim:
                     return UNKNOWN, None
+                if not holds_slot and self._slots_full():
+                    holds_slot = await self._wait_for_slot()
+                    continue
+                if holds_slot:
+                    self._reserved -= 1
                 self._claims[key] = _Claim(time.monotonic())
                 self.misses += 1
                 return CLAIMED, None
+            if holds_slot:  # another request claimed this image meanwhile: wait for it, pass the slot on
+                holds_slot = False
+                self._give_back_slot()
             computed = await self._wait(pending)
             if computed is not None:  # also when the entry was too large to keep
                 self.hits += 1
@@ -103,6 +126,54 @@ class FeatureCache:
         pending = self._claims.pop(key, None)
         if pending is not None and not pending.done.done():
             pending.done.set_result(entry)
+        if pending is not None:
+            self._wake_slot_waiter()
+
+    def _slots_full(self) -> bool:
+        if not self.max_claims:
+            return False
+        return bool(self._slot_waiters) or len(self._claims) + self._reserved >= self.max_claims
+
+    async def _wait_for_slot(self) -> bool:
+        """Wait (first come, first served) until a claim ends; True: a slot is reserved for the caller."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            while True:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(waiter), self._until_a_claim_expires())
+                except asyncio.TimeoutError:
+                    self._expire_abandoned_claims()
+        except BaseException:
+            if waiter.done():
+                self._give_back_slot()  # woken, then torn down before it could claim
+            else:
+                waiter.cancel()
+                self._slot_waiters.remove(waiter)
+            raise
+
+    def _until_a_claim_expires(self) -> float:
+        if not self._claims:
+            return self.claim_timeout_s
+        oldest = min(c.started for c in self._claims.values())
+        return max(0.01, self.claim_timeout_s - (time.monotonic() - oldest))
+
+    def _expire_abandoned_claims(self) -> None:
+        now = time.monotonic()
+        for key, pending in list(self._claims.items()):
+            if now - pending.started > self.claim_timeout_s:
+                self.release(key)  # its owner never came back
+
+    def _give_back_slot(self) -> None:
+        self._reserved -= 1
+        self._wake_slot_waiter()
+
+    def _wake_slot_waiter(self) -> None:
+        while self._slot_waiters and len(self._claims) + self._reserved < self.max_claims:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                self._reserved += 1
+                waiter.set_result(True)
 
     def _lookup(self, key: str) -> Optional[CachedImage]:
         entry = self._entries.get(key)
@@ -125,6 +196,10 @@ class FeatureCache:
     @property
     def claims_in_flight(self) -> int:
         return len(self._claims)
+
+    @property
+    def waiting_for_slot(self) -> int:
+        return sum(not w.done() for w in self._slot_waiters)
 
     def __len__(self) -> int:
         return len(self._entries)

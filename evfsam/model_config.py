@@ -79,11 +79,13 @@ class PipelineSettings:
 
 @dataclass(frozen=True)
 class CacheSettings:
-    """The feature cache model: its byte budget, and after how long a claim counts as abandoned."""
+    """The feature cache model: its byte budget, after how long a claim counts as abandoned, and how
+    many images may be encoded at once (claims in flight; 0: unbounded)."""
 
     family: str
     cache_bytes: int
     claim_timeout_s: float = DEFAULT_BLS_TIMEOUT_S
+    max_claims: int = 0
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str]) -> "CacheSettings":

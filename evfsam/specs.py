@@ -395,3 +395,6 @@ CACHE_METRICS = {
 }
 CACHE_BYTES_METRIC = "evf_sam_embedding_cache_bytes"
 CACHE_ENTRIES_METRIC = "evf_sam_embedding_cache_entries"
+# The encoder admission (the cache's claims): images being encoded now, requests waiting for a slot.
+ENCODES_IN_FLIGHT_METRIC = "evf_sam_image_encodes_in_flight"
+ENCODES_WAITING_METRIC = "evf_sam_image_encodes_waiting"

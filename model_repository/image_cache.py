@@ -15,7 +15,8 @@ import triton_python_backend_utils as pb_utils
 from evfsam.embedding_cache import CachedImage, FeatureCache
 from evfsam.model_config import CacheSettings, config_parameters
 from evfsam.specs import (CACHE_BYTES_METRIC, CACHE_ENTRIES_METRIC, CACHE_GET, CACHE_METRICS, CACHE_PUT,
-                          CACHE_RELEASE, ORIGINAL_SIZE, RESIZED_SIZE, cache_entry_tensors, family)
+                          CACHE_RELEASE, ENCODES_IN_FLIGHT_METRIC, ENCODES_WAITING_METRIC, ORIGINAL_SIZE, RESIZED_SIZE,
+                          cache_entry_tensors, family)
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -30,7 +31,7 @@ class TritonPythonModel:
         settings = CacheSettings.from_parameters(config_parameters(config))
         self.entry_tensors = cache_entry_tensors(family(settings.family))
         self.feature_names = [t.name for t in family(settings.family).image_features]
-        self.cache = FeatureCache(settings.cache_bytes, settings.claim_timeout_s)
+        self.cache = FeatureCache(settings.cache_bytes, settings.claim_timeout_s, settings.max_claims)
         self.tasks = set()
         self._init_metrics(config["name"])
 
@@ -45,7 +46,11 @@ class TritonPythonModel:
                                                        kind=pb_utils.MetricFamily.GAUGE)
         self.families["entries"] = pb_utils.MetricFamily(name=CACHE_ENTRIES_METRIC, description="images in the cache",
                                                          kind=pb_utils.MetricFamily.GAUGE)
-        self.gauges = {key: self.families[key].Metric(labels=labels) for key in ("bytes", "entries")}
+        self.families["encoding"] = pb_utils.MetricFamily(name=ENCODES_IN_FLIGHT_METRIC, kind=pb_utils.MetricFamily.GAUGE,
+                                                          description="images being encoded (claims in flight)")
+        self.families["waiting"] = pb_utils.MetricFamily(name=ENCODES_WAITING_METRIC, kind=pb_utils.MetricFamily.GAUGE,
+                                                         description="requests waiting for an image-encoder slot")
+        self.gauges = {key: self.families[key].Metric(labels=labels) for key in ("bytes", "entries", "encoding", "waiting")}
         self.reported = {key: 0 for key in CACHE_METRICS}
 
     async def execute(self, requests):
@@ -72,7 +77,10 @@ class TritonPythonModel:
         key = _text(request, "image_key")
         if op == CACHE_GET:
             claim = pb_utils.get_input_tensor_by_name(request, "claim")
-            status, entry = await self.cache.get(key, claim=bool(claim is not None and claim.as_numpy().reshape(-1)[0]))
+            lookup = asyncio.ensure_future(self.cache.get(key, claim=bool(claim is not None and claim.as_numpy().reshape(-1)[0])))
+            await asyncio.sleep(0)  # the lookup runs up to its first wait: a request waiting for a slot is counted
+            self._publish_metrics()
+            status, entry = await lookup
             return self._respond(status, entry)
         if op == CACHE_PUT:
             self.cache.put(key, self._entry(request))
@@ -114,6 +122,8 @@ class TritonPythonModel:
                 self.reported[key] = value
         self.gauges["bytes"].set(self.cache.bytes)
         self.gauges["entries"].set(len(self.cache))
+        self.gauges["encoding"].set(self.cache.claims_in_flight)
+        self.gauges["waiting"].set(self.cache.waiting_for_slot)
 
     def finalize(self):
         for task in list(self.tasks):

@@ -2,7 +2,8 @@
 
 Per request: validate and tokenize every prompt and check the output budget (nothing is computed for
 a request that will be refused); ask `image_feature_cache` for the image's features.  On a hit, go on;
-on a miss this request owns the image: decode it, make the SAM and BEiT-3 views, and run the SAM
+on a miss this request owns the image (the cache lets only as many requests own images at once as the
+image encoder runs; the others wait there, and leave as soon as their client has gone): decode it, make the SAM and BEiT-3 views, and run the SAM
 image encoder and BEiT-3 *concurrently* (BLS), then hand the features to the cache (which passes them
 to any request that waited for the same image).  Then the mask decoder, one call per 16 prompts with
 the image's features broadcast, and the masks at the original size (raw, COCO RLE or PNG).
@@ -32,6 +33,9 @@ from evfsam.specs import (CACHE_CLAIMED, CACHE_GET, CACHE_HIT, CACHE_PUT, CACHE_
                           PIPELINE_STARTED_METRIC, RAW_MASKS, cache_entry_tensors, family)
 from evfsam.tokenization import InvalidPrompt, decode_prompt, pad_batch
 
+
+
+CANCEL_POLL_S = 0.05  # how often a request waiting for an encoder slot checks that its client is still there
 
 
 class InvalidRequest(ValueError):
@@ -134,12 +138,13 @@ class Pipeline:
         # Engines on a GPU leave their outputs there unless asked: every output this model reads with
         # numpy is requested in CPU memory.
         self.cpu_memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
+        self.cleanups = set()
 
     async def segment(self, job: Job, cancelled) -> Result:
         if job.header_size is not None:
             self.check_budget(len(job.prompt_ids), job.header_size, job.mask_format)
         _stop_if(cancelled)
-        status, entry = await self.cache_get(job.key, claim=job.image is not None)
+        status, entry = await self.cache_get(job.key, job.image is not None, cancelled)
         if status == CACHE_HIT:
             original = tuple(int(v) for v in entry["original_size"])
             self.check_budget(len(job.prompt_ids), original, job.mask_format)
@@ -222,27 +227,43 @@ class Pipeline:
         resizer = MaskResizer(resized, original, self.recipe)  # one mask at a time: never N full masks
         return None, [encode_mask(resizer.binary(mask[0]), mask_format) for mask in low_res]
 
-    async def cache_get(self, key: str, claim: bool):
+    async def cache_get(self, key: str, claim: bool, cancelled):
+        """Look the image up; a claim may wait for an encoder slot (the cache's admission control).
+        Meanwhile this request's client is watched: when it goes, the request leaves, and a claim
+        granted after that is handed back at once."""
         inputs = [_bytes_tensor("op", CACHE_GET), _bytes_tensor("image_key", key),
                   pb_utils.Tensor("claim", np.array([claim], dtype=bool))]
-        response = await self._cache_request(inputs)
+        call = asyncio.ensure_future(self._cache_exec(inputs))
+        try:
+            response = await self._within_timeout(call, IMAGE_CACHE_NAME, cancelled)
+        except BaseException:
+            if claim:
+                call.add_done_callback(lambda done: self._hand_back_late_claim(done, key))
+            raise
         status = _status(response)
         entry = None
         if status == CACHE_HIT:
             entry = {t.name: pb_utils.get_output_tensor_by_name(response, t.name).as_numpy() for t in self.entry_tensors}
         return status, entry
 
+    def _hand_back_late_claim(self, call, key: str) -> None:
+        if call.cancelled() or call.exception() is not None or _status(call.result()) != CACHE_CLAIMED:
+            return
+        task = asyncio.ensure_future(_shielded(self.cache_call(CACHE_RELEASE, key)))
+        self.cleanups.add(task)  # the loop keeps only weak references to tasks
+        task.add_done_callback(self.cleanups.discard)
+
     async def cache_call(self, op: str, key: str, entry=None):
         inputs = [_bytes_tensor("op", op), _bytes_tensor("image_key", key)]
         if entry is not None:
             inputs += [pb_utils.Tensor(t.name, np.ascontiguousarray(entry[t.name], dtype=t.np_dtype))
                        for t in self.entry_tensors]
-        _status(await self._cache_request(inputs))
+        _status(await self._within_timeout(asyncio.ensure_future(self._cache_exec(inputs)), IMAGE_CACHE_NAME))
 
-    async def _cache_request(self, inputs):
+    async def _cache_exec(self, inputs):
         request = pb_utils.InferenceRequest(model_name=IMAGE_CACHE_NAME, requested_output_names=[], inputs=inputs,
                                             preferred_memory=self.cpu_memory)
-        responses = await self._within_timeout(request.async_exec(decoupled=True), IMAGE_CACHE_NAME)
+        responses = await request.async_exec(decoupled=True)
         # The cache sends exactly one response, with the final flag: iterating does not block.
         response = next(iter(responses), None)
         if response is None or response.has_error():
@@ -256,7 +277,7 @@ class Pipeline:
             model_name=model, requested_output_names=list(output_names),
             inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()],
             timeout=int(self.timeout_s * 1e6), preferred_memory=self.cpu_memory)
-        response = await self._within_timeout(request.async_exec(), model)
+        response = await self._within_timeout(asyncio.ensure_future(request.async_exec()), model)
         if response.has_error():
             error = response.error()
             if error.code() in (pb_utils.TritonError.UNAVAILABLE, _cancelled_code()):
@@ -265,12 +286,18 @@ class Pipeline:
             raise EngineFailure(f"{model} failed")
         return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in output_names}
 
-    async def _within_timeout(self, awaitable, model: str):
-        """Wait at most the BLS timeout; a late call is left to finish on its own (never cancelled)."""
-        task = asyncio.ensure_future(awaitable)
-        done, _ = await asyncio.wait({task}, timeout=self.timeout_s)
-        if not done:
-            raise Unavailable(f"{model} did not answer within {self.timeout_s:.0f} s")
+    async def _within_timeout(self, task: asyncio.Future, model: str, cancelled=None):
+        """Wait at most the BLS timeout, and only while the client is there when `cancelled` is given;
+        a call left behind finishes on its own (never cancelled)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        while not task.done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Unavailable(f"{model} did not answer within {self.timeout_s:.0f} s")
+            await asyncio.wait({task}, timeout=remaining if cancelled is None else min(remaining, CANCEL_POLL_S))
+            if cancelled is not None and not task.done():
+                _stop_if(cancelled)
         return task.result()
 
 

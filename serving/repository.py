@@ -71,6 +71,10 @@ class RepositoryOptions:
     # How long a request may wait in `evf_sam`'s / `evf_sam_prompts`' queue (None: queue_timeout_us).  Clients
     # with short deadlines are served better by a short one (docs: Reliability), others get more rejections.
     served_queue_timeout_us: Optional[int] = None
+    # Images encoded at once (the feature cache's claims); more wait in the served model, where a request
+    # whose client has gone is dropped before the encoder runs.  None: what the encoder instances take at
+    # once (`encoder_capacity`).  0: unbounded (every request goes straight to the encoder's queue).
+    encodes_in_flight: Optional[int] = None
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     max_text_tokens: int = MAX_TEXT_TOKENS
@@ -80,6 +84,15 @@ class RepositoryOptions:
     bls_timeout_s: float = DEFAULT_BLS_TIMEOUT_S
     trt_cache_dir: str = "/tmp/evf_sam_trt_cache"  # onnxruntime flavor on GPU: TensorRT EP engine cache
     warmup: bool = True
+
+    def encoder_capacity(self, family_spec: FamilySpec) -> int:
+        """Images the image-encoder instances run at once: one per instance on a CPU (one row per
+        run), a full batch per instance on a GPU."""
+        if self.encodes_in_flight is not None:
+            return self.encodes_in_flight
+        per_instance = 1 if self.device == "cpu" and family_spec.image_encoder.name in CPU_ONE_ROW_PER_RUN \
+            else family_spec.image_encoder.max_batch_size
+        return self.engine_instances * max(1, per_instance)
 
     def cache_budget(self, family_name: str) -> int:
         return self.cache_bytes if self.cache_bytes is not None else DEFAULT_CACHE_MIB[family_name] * 1024**2
@@ -211,7 +224,8 @@ def served_config(spec: ServedModelSpec, opts: RepositoryOptions, params: Mappin
 def cache_config(family_spec: FamilySpec, opts: RepositoryOptions) -> Dict:
     """One decoupled instance: one cache, and requests answered concurrently on its event loop."""
     spec = image_cache_spec(family_spec)
-    settings = CacheSettings(family_spec.name, opts.cache_budget(family_spec.name), opts.bls_timeout_s)
+    settings = CacheSettings(family_spec.name, opts.cache_budget(family_spec.name), opts.bls_timeout_s,
+                             opts.encoder_capacity(family_spec))
     # Bounded by the served models' instances (each has at most a few cache calls in flight).
     return {
         "name": spec.name,
@@ -327,6 +341,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-queue-size", type=int, default=64)
     parser.add_argument("--served-queue-timeout-ms", type=float, default=None,
                         help="longest wait in evf_sam's / evf_sam_prompts' queue (default: 60 s, as every model)")
+    parser.add_argument("--encodes-in-flight", type=int, default=None,
+                        help="images encoded at once; more wait where a gone client's request is dropped "
+                             "(default: what the encoder instances run at once; 0: unbounded)")
     parser.add_argument("--cache-mib", type=int, default=None,
                         help=f"image feature cache budget (default per family: {DEFAULT_CACHE_MIB})")
     parser.add_argument("--max-output-pixels", type=int, default=DEFAULT_MAX_OUTPUT_PIXELS,
@@ -340,6 +357,7 @@ def options_from(args: argparse.Namespace) -> RepositoryOptions:
         flavor=args.flavor, device=args.device, engine_instances=args.engine_instances,
         front_instances=args.front_instances, ort_threads=args.ort_threads, max_queue_size=args.max_queue_size,
         served_queue_timeout_us=None if args.served_queue_timeout_ms is None else int(args.served_queue_timeout_ms * 1000),
+        encodes_in_flight=args.encodes_in_flight,
         cache_bytes=None if args.cache_mib is None else args.cache_mib * 1024**2,
         max_output_pixels=args.max_output_pixels, bls_timeout_s=args.bls_timeout_s, warmup=not args.no_warmup)
 

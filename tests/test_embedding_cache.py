@@ -119,3 +119,75 @@ def test_image_key_is_sha256_hex():
 def test_negative_budget_is_refused():
     with pytest.raises(ValueError, match=">= 0 bytes"):
         FeatureCache(-1)
+
+
+def test_claims_beyond_the_encoder_slots_wait_first_come_first_served():
+    """max_claims=1: one image is computed at a time; the next claims are granted in arrival order, each
+    only when the previous owner has put or released its image; requests for a cached image never wait."""
+    async def scenario():
+        cache = FeatureCache(budget_bytes=10**6, max_claims=1)
+        await fill(cache, "cached", 1.0)
+        assert (await cache.get("a", claim=True))[0] == CLAIMED
+        b = asyncio.ensure_future(cache.get("b", claim=True))
+        c = asyncio.ensure_future(cache.get("c", claim=True))
+        await asyncio.sleep(0.01)
+        assert not b.done() and not c.done() and cache.waiting_for_slot == 2
+        assert (await asyncio.wait_for(cache.get("cached", claim=True), 0.5))[0] == HIT
+        late = asyncio.ensure_future(cache.get("d", claim=True))  # arrives after b and c: never barges in
+        cache.put("a", entry(2.0))
+        assert (await asyncio.wait_for(b, 0.5))[0] == CLAIMED
+        await asyncio.sleep(0.01)
+        assert not c.done() and not late.done() and cache.claims_in_flight == 1
+        cache.release("b")
+        assert (await asyncio.wait_for(c, 0.5))[0] == CLAIMED and not late.done()
+        cache.put("c", entry(3.0))
+        assert (await asyncio.wait_for(late, 0.5))[0] == CLAIMED
+
+    run(scenario())
+
+
+def test_a_withdrawn_slot_waiter_hands_its_turn_on():
+    """A waiting claim whose caller is torn down (its client went) is forgotten; the next one is served."""
+    async def scenario():
+        cache = FeatureCache(budget_bytes=10**6, max_claims=1)
+        assert (await cache.get("a", claim=True))[0] == CLAIMED
+        gone = asyncio.ensure_future(cache.get("gone", claim=True))
+        after = asyncio.ensure_future(cache.get("after", claim=True))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        await asyncio.sleep(0.01)
+        assert cache.waiting_for_slot == 1
+        cache.put("a", entry(1.0))
+        assert (await asyncio.wait_for(after, 0.5))[0] == CLAIMED and cache.claims_in_flight == 1
+
+    run(scenario())
+
+
+def test_a_slot_waiter_for_an_image_being_computed_gets_the_hit():
+    """Two requests for one new image while the slots are taken: the first to get a slot computes it,
+    the other waits for that claim (and frees its slot for a third image) and gets the hit."""
+    async def scenario():
+        cache = FeatureCache(budget_bytes=10**6, max_claims=1)
+        assert (await cache.get("busy", claim=True))[0] == CLAIMED
+        first = asyncio.ensure_future(cache.get("img", claim=True))
+        second = asyncio.ensure_future(cache.get("img", claim=True))
+        third = asyncio.ensure_future(cache.get("other", claim=True))
+        await asyncio.sleep(0.01)
+        cache.put("busy", entry(0.0))
+        assert (await asyncio.wait_for(first, 0.5))[0] == CLAIMED
+        cache.put("img", entry(5.0))
+        status, found = await asyncio.wait_for(second, 0.5)
+        assert status == HIT and found.features["image_embeddings"][0, 0] == 5.0
+        assert (await asyncio.wait_for(third, 0.5))[0] == CLAIMED and cache.claims_in_flight == 1
+
+    run(scenario())
+
+
+def test_a_dead_owner_does_not_hold_an_encoder_slot_forever():
+    async def scenario():
+        cache = FeatureCache(budget_bytes=10**6, claim_timeout_s=0.1, max_claims=1)
+        assert (await cache.get("dead", claim=True))[0] == CLAIMED  # its owner never puts nor releases
+        status, _ = await asyncio.wait_for(cache.get("next", claim=True), 2.0)
+        assert status == CLAIMED and cache.claims_in_flight == 1
+
+    run(scenario())

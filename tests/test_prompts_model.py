@@ -12,7 +12,8 @@ from tritonclient.utils import InferenceServerException
 from evfsam.embedding_cache import image_key
 from evfsam.processing import decode_image
 from evfsam import mask_codecs
-from evfsam.specs import CACHE_METRICS, EVF_SAM_PROMPTS, SAM_IMAGE_ENCODER
+from evfsam.specs import (CACHE_METRICS, ENCODES_IN_FLIGHT_METRIC, ENCODES_WAITING_METRIC, EVF_SAM_PROMPTS,
+                          SAM_IMAGE_ENCODER)
 from serving import metrics
 from tests.images import encode, scene
 from tests.test_serving import grpc_segment
@@ -100,6 +101,27 @@ def test_concurrent_requests_for_the_same_new_image_encode_it_once(triton_server
         np.testing.assert_array_equal(scores, results[0][1])
     assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 3
     assert encoder_after - encoder_before == 1
+
+
+def encoder_batches(server):
+    stats = httpclient.InferenceServerClient(server.http_url).get_inference_statistics(SAM_IMAGE_ENCODER.name)
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats["model_stats"][0]["batch_stats"]}
+
+
+def test_new_images_reach_the_encoder_one_at_a_time(triton_server):
+    """On a CPU the encoder admits what it runs at once, one image: six concurrent requests for six new
+    images (four served instances) all succeed, and the encoder never got two at once (no batch of 2+,
+    which its dynamic batcher forms whenever two requests wait together)."""
+    images = [encode(scene(150 + 10 * i, 140, seed=40 + i), "PNG") for i in range(6)]
+    before = encoder_batches(triton_server)
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda data: segment_many(triton_server, PROMPT_LIST[:1], image=data), images))
+    after = encoder_batches(triton_server)
+    assert all(masks.shape[0] == 1 for masks, _, _ in results)
+    grown = {size: after.get(size, 0) - before.get(size, 0) for size in after}
+    assert {size: n for size, n in grown.items() if n} == {1: 6}
+    samples = metrics.scrape(triton_server.metrics_url)
+    assert metrics.total(samples, ENCODES_IN_FLIGHT_METRIC) == 0 and metrics.total(samples, ENCODES_WAITING_METRIC) == 0
 
 
 def test_both_served_models_share_one_cache(triton_server):

@@ -83,6 +83,8 @@ class Runtime:
             async def async_exec(self, decoupled=False):
                 runtime.requests.append(self)
                 response = runtime.answer(self)
+                if asyncio.iscoroutine(response):  # a model that takes its time
+                    response = await response
                 return [response] if decoupled else response
 
         module = types.ModuleType("triton_python_backend_utils")
@@ -190,3 +192,31 @@ def test_the_output_budget_is_checked_before_anything_is_asked(runtime):
     with pytest.raises(runtime.segment.InvalidRequest, match="2534400000 mask pixels; the limit for raw masks"):
         asyncio.run(pipeline(runtime).segment(big, lambda: False))
     assert runtime.requests == []
+
+
+def test_a_request_waiting_for_an_encoder_slot_leaves_when_its_client_goes(runtime):
+    """The cache holds the claim back (every encoder slot taken); the client goes meanwhile: the request
+    ends at once as cancelled, without running anything, and the claim granted later is handed back."""
+    async def scenario():
+        slot_free = asyncio.Event()
+
+        async def answer(request):
+            if request.model_name == IMAGE_CACHE_NAME and request.inputs["op"][0] == b"get":
+                await slot_free.wait()
+            return healthy(request)
+
+        runtime.answer = answer
+        client_gone = False
+        served = asyncio.ensure_future(pipeline(runtime).segment(job(runtime, IMAGE), lambda: client_gone))
+        await asyncio.sleep(0.2)
+        assert not served.done()  # waiting for a slot, client still there
+        client_gone = True
+        await asyncio.wait({served}, timeout=1.0)
+        assert served.done() and isinstance(served.exception(), runtime.segment.Cancelled)
+        assert [r.inputs["op"][0] for r in runtime.requests] == [b"get"]
+        slot_free.set()  # the cache grants the claim to the request that has gone
+        await asyncio.sleep(0.1)
+        assert [r.inputs["op"][0] for r in runtime.requests] == [b"get", b"release"]
+        assert SAM_IMAGE_ENCODER.name not in [r.model_name for r in runtime.requests]
+
+    asyncio.run(scenario())

@@ -33,10 +33,13 @@ ENGINES = (SAM_IMAGE_ENCODER.name, BEIT3_FUSION_ENCODER.name, PROMPT_MASK_DECODE
 SUCCESS, DEADLINE, REJECTED = "success", "deadline_exceeded", "rejected"
 GOAL_FRACTION = 0.5
 QUEUE_REFUSALS = ("Exceeds maximum queue size", "Request timeout expired")  # Triton's, for a full queue / a long wait
-# Repository options measured: the generated defaults, and a profile for clients with short deadlines:
-# one request in the pipeline at a time (no concurrency inflating every latency on a small CPU) and a
-# queue that sheds what waited longer than 200 ms (its client is likely gone by the time it would run).
-PROFILES = {"default": {}, "deadline_profile": {"front_instances": 1, "served_queue_timeout_us": 200_000}}
+# Repository options measured: the generated defaults (the image encoder admits as many images as it
+# runs at once; the other requests wait where a gone client's request is dropped); the same without that
+# bound (every request goes straight on to the encoder's queue: how it was before); and a profile for
+# clients with short deadlines: one request in the pipeline at a time and a queue that sheds what waited
+# longer than 200 ms (its client is likely gone by the time it would run).
+PROFILES = {"default": {}, "unbounded_encodes": {"encodes_in_flight": 0},
+            "deadline_profile": {"front_instances": 1, "served_queue_timeout_us": 200_000}}
 
 
 @dataclass(frozen=True)
