@@ -103,6 +103,29 @@ def free_ports(count: int) -> List[int]:
     return ports
 
 
+# Memory allocators tritonserver (and its python-backend stubs, which inherit its environment) can run
+# with, as Triton's docs advise against glibc's fragmentation growth; Debian packages libjemalloc2 and
+# libtcmalloc-minimal4, the NGC images ship both.
+ALLOCATORS = {"system": None, "jemalloc": "libjemalloc.so.2", "tcmalloc": "libtcmalloc_minimal.so.4"}
+ALLOCATOR_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4"}
+
+
+def allocator_library(name: str) -> Optional[str]:
+    """The shared library to LD_PRELOAD for allocator `name` (None for the system's malloc)."""
+    if name not in ALLOCATORS:
+        raise ServerError(f"unknown allocator {name!r}; choose one of {', '.join(ALLOCATORS)}")
+    library = ALLOCATORS[name]
+    if library is None:
+        return None
+    multiarch = sysconfig.get_config_var("MULTIARCH") or f"{os.uname().machine}-linux-gnu"
+    for directory in (f"/usr/lib/{multiarch}", "/usr/lib64", "/usr/lib", "/usr/local/lib"):
+        candidate = Path(directory) / library
+        if candidate.is_file():
+            return str(candidate)
+    raise ServerError(f"{library} not found for --malloc {name}: install it (Debian: apt-get install "
+                      f"{ALLOCATOR_PACKAGES[name]}) or run with --malloc system")
+
+
 def with_parent_death_signal(argv: List[str]) -> List[str]:
     """`argv` run under `setpriv --pdeathsig TERM` (util-linux): the program gets SIGTERM if the process
     that started it dies (no orphaned servers); as it is where setpriv is missing.  Not a `preexec_fn`
@@ -122,6 +145,7 @@ class TritonServer:
     address: str = "127.0.0.1"
     log_file: Optional[Path] = None
     extra_args: List[str] = field(default_factory=list)
+    malloc: str = "system"  # ALLOCATORS: the allocator tritonserver and its stubs run with
     ready_timeout: float = 300.0  # for run() and `with`
     process: Optional[subprocess.Popen] = None
     work_dir: Optional[Path] = None
@@ -176,6 +200,13 @@ class TritonServer:
                     raise ServerError(f"{name} port {self.address}:{port} is not free ({exc.strerror}); "
                                       "stop what uses it or choose other ports") from None
 
+    def environment(self, install: TritonInstall) -> dict:
+        env = install.environment()
+        library = allocator_library(self.malloc)
+        if library is not None:
+            env["LD_PRELOAD"] = os.pathsep.join(p for p in (library, env.get("LD_PRELOAD")) if p)
+        return env
+
     def start(self, work_dir: Optional[Path] = None) -> "TritonServer":
         self.check_ports_free()
         install = TritonInstall.find()
@@ -186,7 +217,7 @@ class TritonServer:
         output = open(self.log_file, "ab") if self.log_file else None
         # cwd outside the source tree: the repository's python models must import their own copies
         self.process = subprocess.Popen(
-            with_parent_death_signal(self.command(install, backend_dir)), env=install.environment(), cwd=self.work_dir,
+            with_parent_death_signal(self.command(install, backend_dir)), env=self.environment(install), cwd=self.work_dir,
             stdout=output, stderr=subprocess.STDOUT if output else None,
             start_new_session=True,  # a terminal's Ctrl-C reaches only us; we drain, then stop Triton
         )
@@ -284,13 +315,16 @@ def main(argv=None) -> int:
     parser.add_argument("--address", default="127.0.0.1", help="bind address (default loopback only)")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--drain-timeout", type=float, default=60.0)
+    parser.add_argument("--malloc", choices=list(ALLOCATORS), default="system",
+                        help="memory allocator of tritonserver and its python stubs (LD_PRELOAD; see README Reliability)")
     parser.add_argument("--max-restarts", type=int, default=5,
                         help=f"restart tritonserver after a crash, at most this often within {CRASH_WINDOW_S} s")
     args = parser.parse_args(argv)
     if not (args.repository / "evf_sam" / "config.pbtxt").is_file():
         print(f"error: {args.repository} has no evf_sam model; run `make repository` first", file=sys.stderr)
         return 2
-    server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port, args.address)
+    server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port, args.address,
+                          malloc=args.malloc)
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop_requested.append(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: stop_requested.append(signum))

@@ -19,3 +19,16 @@ def test_a_port_held_by_another_process_is_refused_by_name(tmp_path):
         with pytest.raises(ServerError, match=f"gRPC port 127.0.0.1:{grpc} is not free"):
             server.start()
         assert server.process is None
+
+
+def test_allocator_choice_is_checked_before_starting(monkeypatch, tmp_path):
+    """--malloc: an unknown allocator or a missing library is a clear error naming what to install,
+    raised before any process starts; the system allocator adds nothing to the environment."""
+    from serving import server as launcher
+
+    assert launcher.allocator_library("system") is None
+    with pytest.raises(ServerError, match="unknown allocator 'hoard'"):
+        launcher.allocator_library("hoard")
+    monkeypatch.setitem(launcher.ALLOCATORS, "jemalloc", "libjemalloc-not-here.so.9")
+    with pytest.raises(ServerError, match="apt-get install libjemalloc2"):
+        TritonServer(tmp_path, malloc="jemalloc").start(tmp_path / "work")

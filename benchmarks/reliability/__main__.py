@@ -45,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--soak-minutes", type=float, default=30.0, help="soak on the tiny model")
     parser.add_argument("--soak-vitb-minutes", type=float, default=10.0, help="soak with SAM ViT-B weights")
     parser.add_argument("--soak-warmup-minutes", type=float, default=3.0, help="RSS growth is measured after this")
+    parser.add_argument("--soak-malloc", default="system", help="allocator of the soaked tritonserver "
+                        "(serving.server ALLOCATORS); results under soak/<size>-<allocator> unless 'system'")
     parser.add_argument("--soak-concurrency", type=int, default=4, help="perf_analyzer concurrency per served model")
     parser.add_argument("--goodput-seconds", type=float, default=60.0)
     parser.add_argument("--single-stream-seconds", type=float, default=20.0)
@@ -112,9 +114,9 @@ def render(out_dir: Path) -> None:
     print(f"wrote {report.write_summary(results, out_dir, plots)}")
 
 
-def server_for(repository: Path, log_file: Path) -> TritonServer:
+def server_for(repository: Path, log_file: Path, malloc: str = "system") -> TritonServer:
     """A tritonserver on free ports, started and made ready by `with`, stopped when the block ends."""
-    return TritonServer.on_free_ports(repository, log_file=log_file, ready_timeout=900)
+    return TritonServer.on_free_ports(repository, log_file=log_file, ready_timeout=900, malloc=malloc)
 
 
 def main(argv=None) -> int:
@@ -170,26 +172,32 @@ def main(argv=None) -> int:
     run.results.setdefault("soak", {})
     warmup_s = 60 * args.soak_warmup_minutes
     if "soak" in phases:
-        with run.phase("soak (tiny)"):
+        key = _soak_key("tiny", args.soak_malloc)
+        with run.phase(f"soak ({key})"):
             plan = soak.SoakPlan(60 * args.soak_minutes, args.soak_concurrency, warmup_s=warmup_s)
-            run.attempt("tiny", lambda: _soak(repository, plan, build / "tiny", logs / "soak-tiny.log"),
+            run.attempt(key, lambda: _soak(repository, plan, build / "tiny", logs / f"soak-{key}.log", args.soak_malloc),
                         run.results["soak"])
     if "soak-vitb" in phases:
         with run.phase("model: ViT-B checkpoint, ONNX, repository"):
             _, vitb_onnx = models.prepare_model("vit-b", build / "vit-b")
             vitb_repository = models.churn_repository(vitb_onnx, build / "vit-b" / "repository")
-        with run.phase("soak (ViT-B)"):
+        key = _soak_key("vit-b", args.soak_malloc)
+        with run.phase(f"soak ({key})"):
             plan = soak.SoakPlan(60 * args.soak_vitb_minutes, args.soak_concurrency, round_s=120.0,
                                  warmup_s=min(warmup_s, 60 * args.soak_vitb_minutes / 3))
-            run.attempt("vit-b", lambda: _soak(vitb_repository, plan, build / "vit-b", logs / "soak-vitb.log"),
-                        run.results["soak"])
+            run.attempt(key, lambda: _soak(vitb_repository, plan, build / "vit-b", logs / f"soak-{key}.log",
+                                           args.soak_malloc), run.results["soak"])
     run.save()
     render(out_dir)
     return 0
 
 
-def _soak(repository: Path, plan: soak.SoakPlan, work_dir: Path, log_file: Path) -> Dict:
-    with server_for(repository, log_file) as server:
+def _soak_key(size: str, malloc: str) -> str:
+    return size if malloc == "system" else f"{size}-{malloc}"
+
+
+def _soak(repository: Path, plan: soak.SoakPlan, work_dir: Path, log_file: Path, malloc: str) -> Dict:
+    with server_for(repository, log_file, malloc) as server:
         return soak.run(server, image_set(SOAK_IMAGES), plan, work_dir / "soak")
 
 
