@@ -8,24 +8,32 @@ config.json's `sam_image_encoder` / `beit3` blocks.  Inputs come from `export.de
 serve-time preprocessing), and the graphs trained are the served ones (`encode_image`,
 `encode_prompt`, `decode_masks`).
 
-Two stages, each with its own AdamW and warm-up + cosine schedule.  The mask decoder (SAM's, 256-d
+Three stages, each with its own AdamW and warm-up + cosine schedule.  The mask decoder (SAM's, 256-d
 over 64x64 tokens) costs most per prompt on this CPU, and trained end to end from scratch the model
 first learns to segment every object whatever the prompt: BEiT-3's fused [CLS] starts out almost all
-image and hardly any text, and learning to read the words through the decoder's loss alone takes more
-decoder steps than the budget holds.  So training-only heads (dropped from the checkpoint) give
-cheap, direct signals:
+image and hardly any text, so the decoder gets no usable signal of *which* object, and learning to
+read the words through the decoder's loss alone takes more decoder steps than the budget holds.  So
+reading and segmenting are learnt apart first, joined by a training-only teacher (dropped from the
+checkpoint, like the heads below):
 
-1. grounding (`grounding_steps`; BEiT-3, the MLP and the image encoder, no mask decoder): 4 scenes x
-   8 prompts a step.  From the prompt embedding the decoder will receive: the target's colour, shape
-   and texture, its centre and its coverage of BEiT-3's patch grid; from each output patch token,
-   what it shows and whether it is part of the target; from the SAM image embedding of scene 0,
-   colour / shape / texture of every 16x16 cell, and, dotting a linear map of each prompt embedding
-   with every cell, the target's cells (the decoder's final dot product in miniature).
-2. end to end (`steps`): 2 scenes a step, scene 0's 8 prompts through the mask decoder with
+1. decoder (`decoder_steps`; image encoder + prompt encoder + mask decoder, no BEiT-3): 1 scene x 8
+   prompts a step, each prompt's embedding made by the teacher, an MLP over the target's ground truth
+   (colour / shape / texture, its coverage of BEiT-3's 7x7 patch grid, its centre): the decoder learns
+   to cut out the object an embedding points at, from a clean signal.  Its IoU and mask tokens start
+   small (`initialise`) and a read-out of the target from its output mask token (`mask_token`) makes
+   it use the prompt: without both it settles on one mask for every prompt, all the objects.
+2. grounding (`grounding_steps`; BEiT-3 and the MLP, no SAM): 4 scenes x 8 prompts a step, BEiT-3's
+   prompt embedding pulled to the teacher's (MSE), plus training-only linear read-outs: from the prompt
+   embedding, the target's colour, shape, texture, centre and patch coverage; from each output patch
+   token, what it shows and whether it is part of the target.
+3. end to end (`steps`): 2 scenes a step, scene 0's 8 prompts through the mask decoder with
    upstream's mask losses on the 256x256 low-res logits against the ground truth in the padded frame
    (sigmoid BCE x 2.0 + dice, hustvl/EVF-SAM `model/evf_sam.py`; dice at 1.0 rather than upstream's
    0.5, which keeps the from-scratch decoder out of the all-background minimum), SAM's MSE on the
-   predicted IoU so the served score means something, and the stage-1 heads on all 16 prompts.
+   predicted IoU so the served score means something, the teacher term and the read-outs on all 16
+   prompts, and on the SAM image embedding: colour / shape / texture of every 16x16 cell, and, dotting
+   a linear map of each prompt embedding with every cell, the target's cells (the decoder's final dot
+   product in miniature; the cell read-outs also run in stage 1).
 
 The demo BEiT-3 uses 32x32 patches (7x7 at 224x224; upstream's are 16): 4x cheaper and the words are
 a larger share of what the [CLS] token attends to.
@@ -68,15 +76,17 @@ from .tiny_checkpoint import train_sentencepiece
 
 DEFAULT_OUTPUT = Path("assets/demo-checkpoint")
 SPM_VOCAB = 96  # an upper bound: the trainer keeps fewer pieces on this small vocabulary
-# Windowed attention in both blocks: a global block over 64x64 tokens would double the encoder's cost.
-SAM_IMAGE_ENCODER = {"embed_dim": 32, "depth": 2, "num_heads": 2, "global_attn_indexes": []}
+# Windowed attention, then one global block: the objects span more than a 14x14 window, and telling a
+# triangle from a circle needs the whole object (cheap next to the mask decoder: ~0.2 s of a 1.2 s step).
+SAM_IMAGE_ENCODER = {"embed_dim": 64, "depth": 3, "num_heads": 4, "global_attn_indexes": [2]}
 BEIT3 = {"embed_dim": 128, "layers": 3, "attention_heads": 4, "ffn_embed_dim": 256, "patch_size": BEIT3_PATCH_SIZE}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    grounding_steps: int = 100  # BEiT-3 + MLP + the training-only heads, no mask decoder
-    steps: int = 150  # end to end
+    decoder_steps: int = 350  # image encoder + mask decoder, prompted by the teacher's embedding of the target
+    grounding_steps: int = 700  # BEiT-3 + MLP towards the teacher's embeddings and the training-only heads
+    steps: int = 330  # end to end
     prompts: int = 8  # per scene and step
     grounding_scenes: int = 4  # per grounding step
     scenes: int = 2  # per end-to-end step: scene 0's prompts through the mask decoder, all through the heads
@@ -89,6 +99,7 @@ class TrainConfig:
     dice_weight: float = 1.0
     iou_weight: float = 1.0
     auxiliary_weight: float = 1.0
+    teacher_weight: float = 1.0  # BEiT-3's prompt embedding vs the teacher's (MSE), in stages 2 and 3
     seed: int = 0
     threads: int = 2
     held_out_scenes: int = 40
@@ -125,11 +136,16 @@ def demo_config(vocab_size: int) -> dict:
 
 
 def initialise(model: EvfSamModel, std: float = 0.02) -> None:
-    """BEiT-3's token and position embeddings at N(0, 0.02) (torchscale's scale for its weights)
-    instead of nn.Embedding's N(0, 1), which would drown a patch's content in its position."""
+    """Embedding tables at N(0, 0.02) (torchscale's scale for its weights) instead of nn.Embedding's
+    N(0, 1).  BEiT-3's token and position tables: at N(0, 1) a patch's position would drown its
+    content.  The mask decoder's IoU and mask tokens: the mask token reads the prompt token through
+    the first self-attention, and next to N(0, 1) tokens the prompt (~0.3 per dimension) is too faint
+    to matter; the decoder then settles on one mask for every prompt (all the objects)."""
     beit3 = model.mm_extractor.beit3
+    decoder = model.visual_model.mask_decoder
     with torch.no_grad():
-        for table in (beit3.text_embed, beit3.encoder.embed_positions.A, beit3.encoder.embed_positions.B):
+        for table in (beit3.text_embed, beit3.encoder.embed_positions.A, beit3.encoder.embed_positions.B,
+                      decoder.iou_token, decoder.mask_tokens):
             table.weight.normal_(0.0, std)
 
 
@@ -152,6 +168,9 @@ class AuxiliaryHeads(torch.nn.Module):
     `patches`: the same per BEiT-3 output patch token, plus whether the patch is the prompt's target.
     `prompt`: from the prompt embedding the decoder receives, the target's colour / shape / texture
     (one object), its centre (x, y) and its coverage of the 7x7 patch grid.
+    `mask_token`: the same from the mask decoder's output mask token (what its hypernetwork turns into
+    the mask's filter): without it the from-scratch decoder settles on one mask for every prompt (all
+    the objects), a minimum the mask losses alone do not leave within the budget.
     """
 
     def __init__(self, beit3_dim: int):
@@ -161,6 +180,37 @@ class AuxiliaryHeads(torch.nn.Module):
         self.patches = torch.nn.Linear(beit3_dim, sum(self.classes) + 1)
         self.prompt = torch.nn.Linear(SAM_EMBEDDING_DIM, sum(self.classes) + 2 + PATCH_GRID * PATCH_GRID)
         self.match = torch.nn.Linear(SAM_EMBEDDING_DIM, SAM_EMBEDDING_DIM)
+        self.mask_token = torch.nn.Linear(SAM_EMBEDDING_DIM, sum(self.classes) + 2 + PATCH_GRID * PATCH_GRID)
+
+
+def target_descriptor(batch: Batch) -> torch.Tensor:
+    """[M, D]: what each prompt's target is, from the ground truth: colour, shape and texture one-hot
+    (class 0 = not one object), its coverage of BEiT-3's 7x7 patch grid, its centre, whether it is one object."""
+    parts = []
+    for row, names in enumerate(ATTRIBUTES):
+        labels = batch.target_labels[:, row]
+        onehot = torch.zeros(len(labels), len(names) + 1)
+        onehot[torch.arange(len(labels)), torch.where(labels == IGNORE, 0, labels + 1)] = 1.0
+        parts.append(onehot)
+    parts += [batch.grounding.float(), batch.target_centres.float(), batch.has_object.float()[:, None]]
+    return torch.cat(parts, dim=1)
+
+
+class PromptTeacher(torch.nn.Module):
+    """Training-only (not in the checkpoint): the target's descriptor -> a 256-d prompt embedding.
+
+    Stage 1 trains the mask decoder on the teacher's embeddings, a clean signal of which object to cut
+    out, so the decoder learns segmenting apart from reading; stage 2 trains BEiT-3 to produce the
+    same embeddings from the image and the words; stage 3 joins them end to end."""
+
+    def __init__(self, width: int = SAM_EMBEDDING_DIM):
+        super().__init__()
+        inputs = sum(len(names) + 1 for names in ATTRIBUTES) + PATCH_GRID * PATCH_GRID + 3
+        self.net = torch.nn.Sequential(torch.nn.Linear(inputs, width), torch.nn.GELU(),
+                                       torch.nn.Linear(width, SAM_EMBEDDING_DIM))
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return self.net(target_descriptor(batch))[:, None]  # [M, 1, 256], as encode_prompt's
 
 
 @dataclass
@@ -170,23 +220,34 @@ class Outputs:
     patches: torch.Tensor  # [M, 49, D]: BEiT-3's output patch tokens
     logits: Optional[torch.Tensor]  # [K, 256, 256]
     iou: Optional[torch.Tensor]  # [K]
+    mask_token: Optional[torch.Tensor] = None  # [K, 256]: the decoder transformer's output mask token
 
 
-def forward(model: EvfSamModel, batch: Batch) -> Outputs:
-    """The served graphs in sequence: `encode_image`, `encode_prompt` (+ its patch tokens), `decode_masks`."""
+def forward(model: EvfSamModel, batch: Batch, teacher: Optional[PromptTeacher] = None) -> Outputs:
+    """The served graphs in sequence: `encode_image`, `encode_prompt` (+ its patch tokens), `decode_masks`.
+    With a teacher, its embeddings prompt the decoder instead of BEiT-3's (stage 1)."""
     embeddings = model.encode_image(batch.sam_image) if batch.sam_image is not None else None
-    captured = []
-    hook = model.mm_extractor.beit3.register_forward_hook(lambda _module, _inputs, out: captured.append(out))
-    try:
-        text = model.encode_prompt(batch.beit3_images[batch.owner], batch.input_ids, batch.attention_mask)
-    finally:
-        hook.remove()
-    patches = captured[0][:, 1 : 1 + PATCH_GRID * PATCH_GRID]
-    logits = iou = None
+    if teacher is not None:
+        text, patches = teacher(batch), None
+    else:
+        captured = []
+        hook = model.mm_extractor.beit3.register_forward_hook(lambda _module, _inputs, out: captured.append(out))
+        try:
+            text = model.encode_prompt(batch.beit3_images[batch.owner], batch.input_ids, batch.attention_mask)
+        finally:
+            hook.remove()
+        patches = captured[0][:, 1 : 1 + PATCH_GRID * PATCH_GRID]
+    logits = iou = mask_token = None
     if batch.decoded:
-        low_res, iou_pred = model.decode_masks(embeddings.expand(batch.decoded, -1, -1, -1), text[: batch.decoded])
-        logits, iou = low_res[:, 0], iou_pred[:, 0]
-    return Outputs(embeddings, text, patches, logits, iou)
+        tokens = []
+        transformer = model.visual_model.mask_decoder.transformer
+        hook = transformer.register_forward_hook(lambda _module, _inputs, out: tokens.append(out[0]))
+        try:
+            low_res, iou_pred = model.decode_masks(embeddings.expand(batch.decoded, -1, -1, -1), text[: batch.decoded])
+        finally:
+            hook.remove()
+        logits, iou, mask_token = low_res[:, 0], iou_pred[:, 0], tokens[0][:, 1]
+    return Outputs(embeddings, text, patches, logits, iou, mask_token)
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -221,17 +282,29 @@ def auxiliary_losses(out: Outputs, batch: Batch, heads: AuxiliaryHeads) -> Dict[
         match = torch.einsum("pc,chw->phw", query, out.image_embeddings[0]).float() / SAM_EMBEDDING_DIM**0.5
         terms["match"] = (F.binary_cross_entropy_with_logits(match, batch.cell_masks)
                           + dice_loss(match, batch.cell_masks))
+    if out.mask_token is not None:
+        terms["mask_token"] = target_readout_loss(heads.mask_token(out.mask_token).float(), batch, heads, batch.decoded)
+    if out.patches is None:  # stage 1: the teacher prompts the decoder, BEiT-3 is not run
+        return terms
     patch_out = heads.patches(out.patches).float()  # [M, 49, C + 1]
     patch_labels = batch.patch_labels[batch.owner].flatten(2).transpose(1, 2).reshape(-1, len(ATTRIBUTES))
     patch_loss = attribute_loss(patch_out[..., :classes].reshape(-1, classes), patch_labels, heads.classes)
     patch_target = F.binary_cross_entropy_with_logits(patch_out[..., classes], batch.grounding)
-    prompt_out = heads.prompt(out.text[:, 0]).float()
-    target_loss = attribute_loss(prompt_out[:, :classes], batch.target_labels, heads.classes, offset=1)
-    centres = prompt_out[:, classes : classes + 2]
-    centre_loss = (F.l1_loss(centres[batch.has_object], batch.target_centres[batch.has_object])
-                   if batch.has_object.any() else centres.new_zeros(()))
-    coverage_loss = F.binary_cross_entropy_with_logits(prompt_out[:, classes + 2 :], batch.grounding)
-    return {**terms, "patches": patch_loss + patch_target, "prompt": target_loss + centre_loss + coverage_loss}
+    prompt_loss = target_readout_loss(heads.prompt(out.text[:, 0]).float(), batch, heads, len(batch.kinds))
+    return {**terms, "patches": patch_loss + patch_target, "prompt": prompt_loss}
+
+
+def target_readout_loss(readout: torch.Tensor, batch: Batch, heads: AuxiliaryHeads, rows: int) -> torch.Tensor:
+    """The first `rows` prompts' targets read out of an embedding: colour / shape / texture, centre and
+    coverage of the 7x7 patch grid (layout of `AuxiliaryHeads.prompt`)."""
+    classes = sum(heads.classes)
+    has_object = batch.has_object[:rows]
+    target_loss = attribute_loss(readout[:, :classes], batch.target_labels[:rows], heads.classes, offset=1)
+    centres = readout[:, classes : classes + 2]
+    centre_loss = (F.l1_loss(centres[has_object], batch.target_centres[:rows][has_object])
+                   if has_object.any() else centres.new_zeros(()))
+    coverage_loss = F.binary_cross_entropy_with_logits(readout[:, classes + 2 :], batch.grounding[:rows])
+    return target_loss + centre_loss + coverage_loss
 
 
 @torch.no_grad()
@@ -258,10 +331,18 @@ def mask_losses(out: Outputs, batch: Batch) -> Dict[str, torch.Tensor]:
             "train_iou": actual_iou.mean(), "per_prompt_iou": actual_iou}
 
 
-def step_losses(out: Outputs, batch: Batch, heads: AuxiliaryHeads, cfg: TrainConfig) -> Dict[str, torch.Tensor]:
+def step_losses(out: Outputs, batch: Batch, heads: AuxiliaryHeads, cfg: TrainConfig,
+                teacher: Optional[PromptTeacher] = None) -> Dict[str, torch.Tensor]:
+    """`teacher` (stages 2 and 3): BEiT-3's prompt embeddings are also pulled towards the teacher's."""
     terms = auxiliary_losses(out, batch, heads)
     total = cfg.auxiliary_weight * sum(terms.values())
-    terms["target_accuracy"] = target_accuracy(out, batch, heads)
+    if out.patches is not None:
+        terms["target_accuracy"] = target_accuracy(out, batch, heads)
+    if teacher is not None:
+        with torch.no_grad():
+            wanted = teacher(batch)
+        terms["teacher"] = F.mse_loss(out.text.float(), wanted.float())
+        total = total + cfg.teacher_weight * terms["teacher"]
     if batch.decoded:
         masks = mask_losses(out, batch)
         total = total + cfg.bce_weight * masks["bce"] + cfg.dice_weight * masks["dice"] + cfg.iou_weight * masks["iou_mse"]
@@ -278,39 +359,61 @@ def learning_rate(step: int, steps: int, cfg: TrainConfig) -> float:
     return floor + (cfg.peak_lr - floor) * 0.5 * (1 + np.cos(np.pi * progress))
 
 
+STAGES = ("decoder", "grounding", "end-to-end")
+
+
+def stage_of(step: int, cfg: TrainConfig) -> Tuple[str, int, int]:
+    """(stage name, its first step, its length) of a global step."""
+    start = 0
+    for name, length in zip(STAGES, (cfg.decoder_steps, cfg.grounding_steps, cfg.steps)):
+        if step < start + length:
+            return name, start, length
+        start += length
+    raise IndexError(step)
+
+
 def step_batch(cfg: TrainConfig, step: int, tokenize: Tokenize) -> Batch:
-    """Step `step`'s scenes and prompts (grounding steps first): drawn from their own seed, so any step
-    can be replayed alone (held-out scenes come from another seed)."""
+    """Step `step`'s scenes and prompts: drawn from their own seed, so any step can be replayed alone
+    (held-out scenes come from another seed)."""
     rng = np.random.default_rng([cfg.seed, 1, step])
-    if step < cfg.grounding_steps:
-        return make_batch(rng, tokenize, cfg.grounding_scenes, cfg.prompts, 0, image=True)
+    stage = stage_of(step, cfg)[0]
+    if stage == "decoder":
+        return make_batch(rng, tokenize, 1, cfg.prompts, cfg.prompts)
+    if stage == "grounding":
+        return make_batch(rng, tokenize, cfg.grounding_scenes, cfg.prompts, 0)
     return make_batch(rng, tokenize, cfg.scenes, cfg.prompts, cfg.prompts)
 
 
 def train(model: EvfSamModel, tokenize: Tokenize, cfg: TrainConfig, log=print) -> List[dict]:
-    """One AdamW run over cfg.steps steps; one log row per step."""
+    """Three stages, each with a fresh AdamW and its own warm-up + cosine schedule; one log row per step."""
     heads = AuxiliaryHeads(model.mm_extractor.beit3.cfg.embed_dim)
-    parameters = list(model.parameters()) + list(heads.parameters())
+    teacher = PromptTeacher()
+    stage_parameters = {
+        "decoder": list(model.visual_model.parameters()) + list(teacher.parameters()) + list(heads.parameters()),
+        "grounding": list(model.mm_extractor.parameters()) + list(model.text_hidden_fcs.parameters()) + list(heads.parameters()),
+        "end-to-end": list(model.parameters()) + list(heads.parameters()),
+    }
     model.train()
     rows: List[dict] = []
     started = time.perf_counter()
-    total = cfg.grounding_steps + cfg.steps
+    total = cfg.decoder_steps + cfg.grounding_steps + cfg.steps
     for step in range(total):
-        stage_start, stage_steps = (0, cfg.grounding_steps) if step < cfg.grounding_steps else (cfg.grounding_steps, cfg.steps)
-        if step == stage_start:  # a fresh AdamW per stage
+        stage, stage_start, stage_steps = stage_of(step, cfg)
+        parameters = stage_parameters[stage]
+        if step == stage_start:
             optimizer = torch.optim.AdamW(parameters, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step - stage_start, stage_steps, cfg)
         batch = step_batch(cfg, step, tokenize)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bfloat16):
-            out = forward(model, batch)
-            terms = step_losses(out, batch, heads, cfg)
+            out = forward(model, batch, teacher if stage == "decoder" else None)
+            terms = step_losses(out, batch, heads, cfg, None if stage == "decoder" else teacher)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.grad_clip)
         optimizer.step()
         per_prompt = terms.pop("per_prompt_iou", torch.zeros(0))
-        row = {"stage": "grounding" if step < cfg.grounding_steps else "end-to-end", "step": step, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+        row = {"stage": stage, "step": step, "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
                **{k: float(v.detach()) for k, v in terms.items()}, "seconds": time.perf_counter() - started}
         for kind, iou in zip(batch.kinds, per_prompt.tolist()):
             row.setdefault(f"iou_{kind}", []).append(iou)
@@ -434,9 +537,10 @@ def write_report(out_dir: Path, cfg: TrainConfig, scores_fp32, scores_fp16, seco
         f"- date: {summary['date']}",
         f"- git commit: {summary['git_commit']}",
         f"- wall time of the command: {seconds / 60:.1f} min ({cfg.threads} torch threads)",
-        f"- training: {cfg.grounding_steps} grounding steps ({cfg.grounding_scenes} generated scenes x {cfg.prompts} "
-        f"expressions, no mask decoder), then {cfg.steps} end-to-end steps ({cfg.scenes} scenes x {cfg.prompts} "
-        "expressions, one scene's through the mask decoder); every step's scenes are new",
+        f"- training: {cfg.decoder_steps} decoder steps (1 generated scene x {cfg.prompts} expressions, prompted "
+        f"by the training-only teacher), {cfg.grounding_steps} grounding steps ({cfg.grounding_scenes} scenes x "
+        f"{cfg.prompts} expressions, BEiT-3 only), then {cfg.steps} end-to-end steps ({cfg.scenes} scenes x "
+        f"{cfg.prompts} expressions, one scene's through the mask decoder); every step's scenes are new",
         f"- sizes: SAM image encoder {SAM_IMAGE_ENCODER}; BEiT-3 {BEIT3}; prompt encoder and mask decoder at SAM's sizes",
         f"- optimiser: AdamW (peak lr {cfg.peak_lr}, weight decay {cfg.weight_decay}, {cfg.warmup_steps} warm-up steps, "
         f"cosine to {cfg.final_lr_fraction} x peak, gradient norm clipped at {cfg.grad_clip}), bfloat16 autocast",
@@ -476,7 +580,7 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, TrainConfig]:
     parser = argparse.ArgumentParser(prog="python -m export.train_demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT)
-    tunable = ("grounding_steps", "steps", "prompts", "threads", "seed", "held_out_scenes")
+    tunable = ("decoder_steps", "grounding_steps", "steps", "prompts", "threads", "seed", "held_out_scenes")
     for field in fields(TrainConfig):
         if field.name in tunable:
             parser.add_argument("--" + field.name.replace("_", "-"), type=int, default=field.default)
