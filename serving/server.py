@@ -136,8 +136,29 @@ def with_parent_death_signal(argv: List[str]) -> List[str]:
     return [setpriv, "--pdeathsig", "TERM", "--", *argv] if setpriv else list(argv)
 
 
+class TritonEndpoints:
+    """The client URLs of a tritonserver at `address` on `http_port`, `grpc_port` and `metrics_port`."""
+
+    address: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.address}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.address}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.address}:{self.metrics_port}/metrics"
+
+
 @dataclass
-class TritonServer:
+class TritonServer(TritonEndpoints):
     repository: Path
     http_port: int = 8000
     grpc_port: int = 8001
@@ -157,18 +178,6 @@ class TritonServer:
         """A server on three loopback ports the OS says are free (tests, benchmarks)."""
         http, grpc, metrics = free_ports(3)
         return cls(repository, http, grpc, metrics, **options)
-
-    @property
-    def http_url(self) -> str:
-        return f"{self.address}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self.address}:{self.grpc_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.address}:{self.metrics_port}/metrics"
 
     def command(self, install: TritonInstall, backend_dir: Path) -> List[str]:
         return [

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from serving import processes
-from serving.server import free_ports
+from serving.server import TritonEndpoints, free_ports
 
 from .probes import server_ready
 
@@ -22,24 +22,13 @@ class LauncherError(RuntimeError):
     pass
 
 
-class Launcher:
+class Launcher(TritonEndpoints):
     def __init__(self, repository: Path, log_path: Path):
         self.repository = repository
         self.log_path = log_path
+        self.address = "127.0.0.1"
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.process: Optional[subprocess.Popen] = None
-
-    @property
-    def http_url(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def start(self, ready_timeout: float = 600.0) -> "Launcher":
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)}
