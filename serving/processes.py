@@ -97,6 +97,36 @@ def stub_processes(server_pid: int) -> Dict[str, int]:
     return stubs
 
 
+# /proc/<pid>/status fields that VmRSS is the sum of: private memory, mapped files, and shared memory
+# (for tritonserver: the pages of its stubs' /dev/shm regions it has touched).
+RSS_KINDS = {"anon": "RssAnon:", "file": "RssFile:", "shmem": "RssShmem:"}
+
+
+def rss_kinds_bytes(pid: int) -> Optional[Dict[str, int]]:
+    """VmRSS of `pid` split by kind (anon, file, shmem), or None when it is gone."""
+    found: Dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                for kind, field in RSS_KINDS.items():
+                    if line.startswith(field):
+                        found[kind] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return found if len(found) == len(RSS_KINDS) else None
+
+
+def shm_regions_bytes(server_pid: int) -> int:
+    """RAM held by the /dev/shm regions of the live stubs of `server_pid` (tmpfs pages allocated)."""
+    held = 0
+    for name in stub_shm_regions(server_pid):
+        try:
+            held += os.stat(os.path.join(SHM_DIR, name)).st_blocks * 512
+        except OSError:
+            continue
+    return held
+
+
 def rss_bytes(pid: int) -> Optional[int]:
     """Resident set size of `pid` (VmRSS), or None when it is gone."""
     try:

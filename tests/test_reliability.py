@@ -20,7 +20,7 @@ from benchmarks.reliability import cobatch, fuzz, models, overload, probes, soak
 from benchmarks.reliability.faults import Requests
 from benchmarks.reliability.inputs import SAMPLE_IMAGE, image_set, unique_jpeg
 from benchmarks.reliability.launcher import Launcher
-from benchmarks.reliability.rss import growth
+from benchmarks.reliability.rss import SERVER_KINDS, SERVER_LABEL, RssSampler, growth
 from evfsam.embedding_cache import image_key
 from evfsam.processing import decode_image
 from serving import processes
@@ -125,6 +125,23 @@ def test_overload_rejects_the_excess_at_once_and_serves_right_after(triton_serve
     assert result["rejection_status"] == ["StatusCode.UNAVAILABLE"]
     assert result["ready_after"] and result["readiness"]["not_ready"] == 0
     assert result["good_request_after"]["mask_shape"][0] == 1
+
+
+@pytest.mark.triton
+def test_the_soak_sampler_splits_the_server_rss_and_measures_its_stubs_regions(triton_server):
+    server_pid = triton_server.server.process.pid
+    with RssSampler(server_pid, interval_s=0.2) as sampler:
+        time.sleep(0.5)
+    sampled = sampler.to_dict()
+    kinds = sampled["server_kinds_mib"]
+    assert set(kinds) == set(SERVER_KINDS) and all(len(kinds[k]) == len(sampled["t_s"]) >= 3 for k in kinds)
+    last = {kind: column[-1] for kind, column in kinds.items()}
+    # VmRSS is anon + file + shmem (read a moment apart from the split, so within a few MiB)
+    assert abs(last["anon"] + last["file"] + last["shmem"] - sampled["rss_mib"][SERVER_LABEL][-1]) < 8, last
+    regions = [os.stat(f"/dev/shm/{name}").st_size for name in processes.stub_shm_regions(server_pid)]
+    assert len(regions) == len(processes.stub_processes(server_pid)) > 0
+    # the server has passed tensors through its stubs' regions: it maps them and has touched some of them
+    assert 0 < last["shmem"] and 0 < last["shm_regions"] <= sum(regions) / 2**20 + 0.1, (last, sum(regions))
 
 
 # ---- a repository whose engines hold their batches, under python -m serving.server ----------------------

@@ -30,6 +30,11 @@ def rss_plot(soak: Dict, title: str, path: Path) -> str:
     for index, (label, column) in enumerate(sorted(rss["rss_mib"].items())):
         style = "-" if label == SERVER_LABEL else ("--" if index % 2 else ":")
         ax.plot(minutes, column, style, linewidth=2.2 if label == SERVER_LABEL else 1.2, label=label)
+    for kind in ("anon", "shmem"):
+        column = rss.get("server_kinds_mib", {}).get(kind)
+        if column and any(v for v in column):
+            ax.plot(minutes, column, "-.", color="black", alpha=0.6 if kind == "anon" else 0.3, linewidth=1.2,
+                    label=f"{SERVER_LABEL} {SERVER_KIND_NAMES[kind].split(' (')[0]}")
     ax.axvline(soak["plan"]["warmup_s"] / 60, color="gray", linewidth=0.8)
     ax.text(soak["plan"]["warmup_s"] / 60, ax.get_ylim()[1], " end of warm-up", va="top", fontsize=7, color="gray")
     ax.set(xlabel="minutes", ylabel="resident memory, MiB", yscale="log", title=title)
@@ -119,9 +124,26 @@ def soak_lines(name: str, soak: Dict, plot: Optional[str]) -> List[str]:
             for label, v in sorted(growth.items(), key=lambda kv: (kv[0] == "total", kv[0]))]
     lines += _table(["process", "RSS after warm-up, MiB", "RSS at end, MiB", "growth, MiB", "peak, MiB",
                      f"growth < {RSS_GOAL_MIB:.0f} MiB"], rows) + [""]
+    lines += server_kinds_lines(soak.get("server_kinds_growth"))
     if plot:
         lines += [f"![RSS over time]({plot})", ""]
     return lines
+
+
+SERVER_KIND_NAMES = {"anon": "private (RssAnon)", "file": "mapped files (RssFile)",
+                     "shmem": "shared memory it touched (RssShmem)",
+                     "shm_regions": "its stubs' /dev/shm regions (RAM held, not part of its RSS)"}
+
+
+def server_kinds_lines(kinds: Optional[Dict]) -> List[str]:
+    """tritonserver's RSS growth by kind: the shared part is the stubs' regions growing to their peaks."""
+    if not kinds:
+        return []
+    rows = [[SERVER_KIND_NAMES[kind], v["after_warmup_mib"], v["end_mib"], v["growth_mib"], v["peak_mib"]]
+            for kind, v in kinds.items()]
+    return ["tritonserver's RSS by kind, and the RAM its stubs' shared-memory regions hold (the regions grow "
+            "to their peaks and keep them; tritonserver's RSS counts the pages of them it has touched):", "",
+            *_table(["memory", "after warm-up, MiB", "at end, MiB", "growth, MiB", "peak, MiB"], rows), ""]
 
 
 def overload_lines(o: Dict) -> List[str]:

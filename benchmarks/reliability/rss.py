@@ -9,12 +9,18 @@ from typing import Dict, List, Optional
 from serving import processes
 
 SERVER_LABEL = "tritonserver"
+# The server's RSS by kind (processes.RSS_KINDS) and the RAM its stubs' shared-memory regions hold.
+SERVER_KINDS = ("anon", "file", "shmem", "shm_regions")
 MIB = 1024**2
 
 
 class RssSampler:
     """Samples VmRSS of the server process and of each of its stubs (by model instance) every
-    `interval_s` in a thread.  A process missing from a sample (died) is recorded as None."""
+    `interval_s` in a thread.  A process missing from a sample (died) is recorded as None.
+
+    The server's RSS is also split by kind (private, file, shared), beside the RAM its stubs' /dev/shm
+    regions hold: tritonserver touches those regions to pass every tensor, so they count in its RSS as
+    they grow to their peaks, which is not a leak of the server's own memory."""
 
     def __init__(self, server_pid: int, interval_s: float = 5.0):
         self.server_pid = server_pid
@@ -22,6 +28,7 @@ class RssSampler:
         self.times: List[float] = []
         self.series: Dict[str, List[Optional[float]]] = {}
         self.pids: Dict[str, int] = {}
+        self.server_kinds: Dict[str, List[Optional[float]]] = {kind: [] for kind in SERVER_KINDS}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._started = 0.0
@@ -51,10 +58,19 @@ class RssSampler:
             self.series.setdefault(label, [None] * index)
         for label, column in self.series.items():
             value = values.get(label)
-            column.append(None if value is None else round(value / MIB, 1))
+            column.append(_mib(value))
+        kinds = processes.rss_kinds_bytes(self.server_pid) or {}
+        kinds["shm_regions"] = processes.shm_regions_bytes(self.server_pid)
+        for kind, column in self.server_kinds.items():
+            column.append(_mib(kinds.get(kind)))
 
     def to_dict(self) -> Dict[str, object]:
-        return {"interval_s": self.interval_s, "t_s": self.times, "rss_mib": self.series, "pids": self.pids}
+        return {"interval_s": self.interval_s, "t_s": self.times, "rss_mib": self.series, "pids": self.pids,
+                "server_kinds_mib": self.server_kinds}
+
+
+def _mib(value: Optional[int]) -> Optional[float]:
+    return None if value is None else round(value / MIB, 1)
 
 
 def growth(times: List[float], series: Dict[str, List[Optional[float]]], warmup_s: float,
