@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -87,8 +88,18 @@ def missing_libraries(executable: str, env: Dict[str, str]) -> List[str]:
     return [line.split("=>")[0].strip() for line in trace.stdout.splitlines() if "=> not found" in line]
 
 
+_LIBB64_BUILD = threading.Lock()  # the soak's two perf_analyzer loops start at once, in one process
+
+
 def build_libb64_compat(out_dir: Path = LIBB64_COMPAT_DIR) -> Path:
-    """Compile benchmarks/libb64_compat.c to out_dir/libb64.so.0d (once per source change); returns out_dir."""
+    """Compile benchmarks/libb64_compat.c to out_dir/libb64.so.0d (once per source change); returns out_dir.
+    Safe from several threads (one builds, the others wait) and processes (each builds its own file and
+    renames it into place)."""
+    with _LIBB64_BUILD:
+        return _build_libb64_compat(out_dir)
+
+
+def _build_libb64_compat(out_dir: Path) -> Path:
     target = out_dir / LIBB64
     if target.is_file() and target.stat().st_mtime >= LIBB64_COMPAT_SOURCE.stat().st_mtime:
         return out_dir

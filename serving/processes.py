@@ -127,13 +127,13 @@ def shm_regions_bytes(server_pid: int) -> int:
     return held
 
 
-def rss_bytes(pid: int) -> Optional[int]:
-    """Resident set size of `pid` (VmRSS), or None when it is gone."""
+def shm_region_mappings(pid: int) -> Optional[int]:
+    """How many mappings of python-backend /dev/shm regions `pid` holds.  The python backend maps a
+    region again, whole and from offset 0, each time it grows, and keeps the earlier mappings: a page
+    touched through several of them counts once per mapping in VmRSS (RssShmem)."""
     try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
+        with open(f"/proc/{pid}/maps") as handle:
+            return sum(1 for line in handle if f"{SHM_DIR}/triton_python_backend_shm_region_" in line)
+    except OSError:
         return None
-    return None
+

@@ -8,6 +8,7 @@ import ctypes
 import json
 import shutil
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -257,6 +258,28 @@ def libb64_compat(tmp_path_factory):
     if shutil.which("cc") is None:
         pytest.skip("no C compiler")
     return pa.build_libb64_compat(tmp_path_factory.mktemp("libb64"))
+
+
+def test_libb64_compat_builds_once_from_threads_started_together(tmp_path):
+    # the soak starts its two perf_analyzer loops at once: both found the library missing and both built it
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    barrier, results = threading.Barrier(4), []
+
+    def build():
+        barrier.wait()
+        try:
+            results.append(pa.build_libb64_compat(tmp_path))
+        except Exception as exc:  # noqa: BLE001 - the failure is what the test reports
+            results.append(exc)
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [tmp_path] * 4
+    assert [p.name for p in tmp_path.iterdir()] == [pa.LIBB64]
 
 
 def _chunks(data: bytes, rng) -> list:

@@ -17,6 +17,7 @@ from PIL import Image
 
 from benchmarks import pa_inputs
 from benchmarks.reliability import cobatch, fuzz, models, overload, probes, soak
+from benchmarks.reliability import report as soak_report
 from benchmarks.reliability.faults import Requests
 from benchmarks.reliability.inputs import SAMPLE_IMAGE, image_set, unique_jpeg
 from benchmarks.reliability.launcher import Launcher
@@ -93,6 +94,22 @@ def test_rss_growth_is_measured_after_the_warmup():
     assert result["total"]["growth_mib"] == result["a"]["growth_mib"]
 
 
+def test_soak_report_judges_private_memory_and_counts_the_shared_regions_once():
+    times = [float(t) for t in range(0, 100, 5)]
+    vmrss = {"tritonserver": [300.0 + 2 * t for t in times], "stub_0_0": [100.0] * len(times)}
+    private = {"tritonserver": [80.0 + 0.1 * t for t in times], "stub_0_0": [60.0 + t for t in times]}
+    kinds = {"anon": private["tritonserver"], "file": [40.0] * len(times), "shmem": [180.0 + 1.9 * t for t in times],
+             "shm_regions": [150.0] * len(times)}
+    soak_result = {"rss_growth": growth(times, vmrss, 20.0), "private_growth": growth(times, private, 20.0),
+                   "server_kinds_growth": {k: v for k, v in growth(times, kinds, 20.0).items() if k != "total"},
+                   "rss": {"server_region_mappings": [12] * len(times)}}
+    rows = {line.split(" | ")[0].strip("| "): line for line in soak_report.growth_lines(soak_result) if line.startswith("| ")}
+    assert rows["tritonserver"].endswith("| **yes** |")  # VmRSS +150 MiB, its own memory +7.5 MiB
+    assert rows["stub_0_0"].endswith("| **NO** |")  # VmRSS flat, its own memory +75 MiB
+    assert rows[soak_report.REGIONS_LABEL].endswith("| **yes** |")
+    assert "12 mappings" in soak_report.server_kinds_lines(soak_result["server_kinds_growth"], [12])[0]
+
+
 # ---- against the shared test server --------------------------------------------------------------------
 
 @pytest.mark.triton
@@ -136,10 +153,12 @@ def test_the_soak_sampler_splits_the_server_rss_and_measures_its_stubs_regions(t
     kinds = sampled["server_kinds_mib"]
     assert set(kinds) == set(SERVER_KINDS) and all(len(kinds[k]) == len(sampled["t_s"]) >= 3 for k in kinds)
     last = {kind: column[-1] for kind, column in kinds.items()}
-    # VmRSS is anon + file + shmem (read a moment apart from the split, so within a few MiB)
-    assert abs(last["anon"] + last["file"] + last["shmem"] - sampled["rss_mib"][SERVER_LABEL][-1]) < 8, last
+    assert last["anon"] + last["file"] + last["shmem"] == pytest.approx(sampled["rss_mib"][SERVER_LABEL][-1], abs=0.2)
+    assert sampled["private_mib"][SERVER_LABEL][-1] == last["anon"]
+    assert set(sampled["private_mib"]) == set(sampled["rss_mib"]) == {SERVER_LABEL, *processes.stub_processes(server_pid)}
     regions = [os.stat(f"/dev/shm/{name}").st_size for name in processes.stub_shm_regions(server_pid)]
     assert len(regions) == len(processes.stub_processes(server_pid)) > 0
+    assert sampled["server_region_mappings"][-1] >= len(regions)  # each region at least once, once per growth
     # the server has passed tensors through its stubs' regions: it maps them and has touched some of them
     assert 0 < last["shmem"] and 0 < last["shm_regions"] <= sum(regions) / 2**20 + 0.1, (last, sum(regions))
 

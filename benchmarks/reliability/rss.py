@@ -15,20 +15,24 @@ MIB = 1024**2
 
 
 class RssSampler:
-    """Samples VmRSS of the server process and of each of its stubs (by model instance) every
-    `interval_s` in a thread.  A process missing from a sample (died) is recorded as None.
+    """Samples the resident memory of the server process and of each of its stubs (by model instance)
+    every `interval_s` in a thread: VmRSS, and its private part (RssAnon).  A process missing from a
+    sample (died) is recorded as None.
 
-    The server's RSS is also split by kind (private, file, shared), beside the RAM its stubs' /dev/shm
-    regions hold: tritonserver touches those regions to pass every tensor, so they count in its RSS as
-    they grow to their peaks, which is not a leak of the server's own memory."""
+    VmRSS overstates what the python backend's shared memory costs: each stub's /dev/shm region is
+    mapped again, whole, each time it grows, earlier mappings kept, and a page counts once per mapping
+    that touched it (processes.shm_region_mappings).  So the server's RSS is also split by kind, beside
+    the RAM its stubs' regions really hold (counted once, as the container's memory cgroup does)."""
 
     def __init__(self, server_pid: int, interval_s: float = 5.0):
         self.server_pid = server_pid
         self.interval_s = interval_s
         self.times: List[float] = []
         self.series: Dict[str, List[Optional[float]]] = {}
+        self.private: Dict[str, List[Optional[float]]] = {}
         self.pids: Dict[str, int] = {}
         self.server_kinds: Dict[str, List[Optional[float]]] = {kind: [] for kind in SERVER_KINDS}
+        self.server_region_mappings: List[Optional[int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._started = 0.0
@@ -50,23 +54,27 @@ class RssSampler:
 
     def sample(self) -> None:
         found = {SERVER_LABEL: self.server_pid, **processes.stub_processes(self.server_pid)}
-        values = {label: processes.rss_bytes(pid) for label, pid in found.items()}
+        kinds = {label: processes.rss_kinds_bytes(pid) for label, pid in found.items()}
         index = len(self.times)
         self.times.append(round(time.monotonic() - self._started, 1))
-        for label, value in values.items():
+        for label, value in kinds.items():
             self.pids.setdefault(label, found[label])
             self.series.setdefault(label, [None] * index)
-        for label, column in self.series.items():
-            value = values.get(label)
-            column.append(_mib(value))
-        kinds = processes.rss_kinds_bytes(self.server_pid) or {}
-        kinds["shm_regions"] = processes.shm_regions_bytes(self.server_pid)
+            self.private.setdefault(label, [None] * index)
+        for label in self.series:
+            value = kinds.get(label)
+            self.series[label].append(None if value is None else _mib(sum(value.values())))
+            self.private[label].append(None if value is None else _mib(value["anon"]))
+        server = dict(kinds.get(SERVER_LABEL) or {})
+        server["shm_regions"] = processes.shm_regions_bytes(self.server_pid)
         for kind, column in self.server_kinds.items():
-            column.append(_mib(kinds.get(kind)))
+            column.append(_mib(server.get(kind)))
+        self.server_region_mappings.append(processes.shm_region_mappings(self.server_pid))
 
     def to_dict(self) -> Dict[str, object]:
-        return {"interval_s": self.interval_s, "t_s": self.times, "rss_mib": self.series, "pids": self.pids,
-                "server_kinds_mib": self.server_kinds}
+        return {"interval_s": self.interval_s, "t_s": self.times, "rss_mib": self.series,
+                "private_mib": self.private, "pids": self.pids,
+                "server_kinds_mib": self.server_kinds, "server_region_mappings": self.server_region_mappings}
 
 
 def _mib(value: Optional[int]) -> Optional[float]:

@@ -106,6 +106,7 @@ def run(server: TritonServer, images: Sequence[bytes], plan: SoakPlan, work_dir:
         "readiness": readiness.summary(),
         "rss": rss,
         "rss_growth": growth(rss["t_s"], rss["rss_mib"], plan.warmup_s),
+        "private_growth": growth(rss["t_s"], rss["private_mib"], plan.warmup_s),
         "server_kinds_growth": {kind: value for kind, value in
                                 growth(rss["t_s"], rss["server_kinds_mib"], plan.warmup_s).items() if kind != "total"},
         "stub_restarts_or_deaths": [label for label, column in rss["rss_mib"].items() if None in column],
