@@ -110,22 +110,6 @@ ALLOCATORS = {"system": None, "jemalloc": "libjemalloc.so.2", "tcmalloc": "libtc
 ALLOCATOR_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4"}
 
 
-# Each python-backend stub talks to tritonserver through its own /dev/shm region, created at
-# shm-default-byte-size and grown by at least shm-growth-byte-size when a tensor does not fit (python
-# backend defaults: 1 MiB and 1 MiB).  Each growth maps the whole region again and keeps the earlier
-# mappings, so tritonserver's VmRSS counts those pages once per mapping and climbs for many requests
-# (README Reliability).  Created at 64 MiB (a sparse tmpfs file: RAM only for the pages used), a region
-# covers the tensors of ordinary requests (ViT-B soaks peaked at 28 MiB) without growing.
-PYTHON_SHM_REGION_MIB = 64
-PYTHON_SHM_GROWTH_MIB = 16
-MIB = 1024**2
-
-
-def python_backend_shm_args(region_mib: int) -> List[str]:
-    return [f"--backend-config=python,shm-default-byte-size={region_mib * MIB}",
-            f"--backend-config=python,shm-growth-byte-size={PYTHON_SHM_GROWTH_MIB * MIB}"]
-
-
 def allocator_library(name: str) -> Optional[str]:
     """The shared library to LD_PRELOAD for allocator `name` (None for the system's malloc)."""
     if name not in ALLOCATORS:
@@ -183,7 +167,6 @@ class TritonServer(TritonEndpoints):
     log_file: Optional[Path] = None
     extra_args: List[str] = field(default_factory=list)
     malloc: str = "system"  # ALLOCATORS: the allocator tritonserver and its stubs run with
-    shm_region_mib: int = PYTHON_SHM_REGION_MIB  # each python-backend stub's /dev/shm region at start
     ready_timeout: float = 300.0  # for run() and `with`
     process: Optional[subprocess.Popen] = None
     work_dir: Optional[Path] = None
@@ -211,7 +194,6 @@ class TritonServer(TritonEndpoints):
             "--allow-gpu-metrics=false",
             "--exit-timeout-secs=60",
             "--log-verbose=0",
-            *python_backend_shm_args(self.shm_region_mib),
             *self.extra_args,
         ]
 
@@ -344,9 +326,6 @@ def main(argv=None) -> int:
     parser.add_argument("--drain-timeout", type=float, default=60.0)
     parser.add_argument("--malloc", choices=list(ALLOCATORS), default="system",
                         help="memory allocator of tritonserver and its python stubs (LD_PRELOAD; see README Reliability)")
-    parser.add_argument("--shm-region-mib", type=int, default=PYTHON_SHM_REGION_MIB,
-                        help="size each python-backend stub's /dev/shm region starts at (sparse; grows when a "
-                             "tensor does not fit)")
     parser.add_argument("--max-restarts", type=int, default=5,
                         help=f"restart tritonserver after a crash, at most this often within {CRASH_WINDOW_S} s")
     args = parser.parse_args(argv)
@@ -354,7 +333,7 @@ def main(argv=None) -> int:
         print(f"error: {args.repository} has no evf_sam model; run `make repository` first", file=sys.stderr)
         return 2
     server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port, args.address,
-                          malloc=args.malloc, shm_region_mib=args.shm_region_mib)
+                          malloc=args.malloc)
     stop_requested = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stop_requested.append(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: stop_requested.append(signum))

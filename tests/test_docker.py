@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 from export.trt_support import TENSORRT_VERSION
-from serving.server import PYTHON_SHM_REGION_MIB, python_backend_shm_args
 
 DOCKER_DIR = Path(__file__).resolve().parent.parent / "docker"
 DOCKERFILES = ("Dockerfile.export", "Dockerfile.server")
@@ -98,15 +97,6 @@ def test_server_listens_on_loopback_unless_told_otherwise():
     for variable in ("TRITON_HTTP_ADDRESS", "TRITON_GRPC_ADDRESS", "TRITON_METRICS_ADDRESS"):
         assert re.search(rf"\b{variable}=127\.0\.0\.1\b", env), variable
     assert "0.0.0.0" not in env
-
-
-def test_container_sizes_the_python_backend_regions_as_make_serve_does():
-    env = dict(re.findall(r"\b(TRITON_PYTHON_SHM\w*)=(\d+)",
-                          " ".join(args for keyword, args in instructions(read("Dockerfile.server")) if keyword == "ENV")))
-    script = entrypoint_script()
-    used = [re.sub(r'"\$\{(\w+)\}"', lambda m: env[m.group(1)], flag)
-            for flag in re.findall(r"--backend-config=python,\S+", script)]
-    assert used == python_backend_shm_args(PYTHON_SHM_REGION_MIB)
 
 
 def test_compose_publishes_on_host_loopback_only_and_drops_privileges():

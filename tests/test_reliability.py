@@ -25,7 +25,6 @@ from benchmarks.reliability.rss import SERVER_KINDS, SERVER_LABEL, RssSampler, g
 from evfsam.embedding_cache import image_key
 from evfsam.processing import decode_image
 from serving import processes
-from serving.server import PYTHON_SHM_REGION_MIB
 
 FUZZ_REQUESTS = 200
 
@@ -159,7 +158,6 @@ def test_the_soak_sampler_splits_the_server_rss_and_measures_its_stubs_regions(t
     assert set(sampled["private_mib"]) == set(sampled["rss_mib"]) == {SERVER_LABEL, *processes.stub_processes(server_pid)}
     regions = [os.stat(f"/dev/shm/{name}").st_size for name in processes.stub_shm_regions(server_pid)]
     assert len(regions) == len(processes.stub_processes(server_pid)) > 0
-    assert min(regions) >= PYTHON_SHM_REGION_MIB * 2**20  # created at full size: no growth, no remapping
     assert sampled["server_region_mappings"][-1] >= len(regions)  # each region at least once, once per growth
     # the server has passed tensors through its stubs' regions: it maps them and has touched some of them
     assert 0 < last["shmem"] and 0 < last["shm_regions"] <= sum(regions) / 2**20 + 0.1, (last, sum(regions))
