@@ -110,6 +110,20 @@ def test_soak_report_judges_private_memory_and_counts_the_shared_regions_once():
     assert "12 mappings" in soak_report.server_kinds_lines(soak_result["server_kinds_growth"], [12])[0]
 
 
+
+def test_soak_report_measures_growth_from_later_warmups_too():
+    times = [float(t) for t in range(0, 1800, 5)]
+    settling = [50.0 + min(t, 600.0) / 5 for t in times]  # +120 MiB over the first 10 min, then flat
+    soak_result = {"plan": {"warmup_s": 180.0}, "models": {"evf_sam": {"rounds": [
+                       {"t_s": 0.0, "seconds": 100.0, "requests": 8}, {"t_s": 100.0, "seconds": 500.0, "requests": 40}]}},
+                   "rss": {"t_s": times, "private_mib": {"tritonserver": [80.0] * len(times), "evf_sam_0_0": settling},
+                           "server_kinds_mib": {"shm_regions": [200.0] * len(times)}}}
+    rows = [line for line in soak_report.later_warmup_lines(soak_result) if line.startswith("| ") and "min |" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| 3 min", "| 10 min", "| 15 min"]
+    assert rows[0].split(" | ")[1] == "8" and rows[1].split(" | ")[1] == "48"
+    assert rows[0].endswith("| **NO** |") and rows[1].endswith("| **yes** |") and rows[2].endswith("| **yes** |")
+
+
 # ---- against the shared test server --------------------------------------------------------------------
 
 @pytest.mark.triton
