@@ -108,10 +108,12 @@ class Expression:
 # ----------------------------------------------------------------------------------------- drawing
 
 
-def random_scene(rng: np.random.Generator) -> Scene:
+def random_scene(rng: np.random.Generator, rotation: float = 1.0) -> Scene:
+    """`rotation` < 1 (diagnostics only, `export.patch_probe`): shapes tilt at most `rotation` x 180
+    degrees from upright (apex up, square axis-aligned); at 1 any angle, the scenes the demo trains on."""
     height, width = (int(rng.integers(IMAGE_SIDE_RANGE[0], IMAGE_SIDE_RANGE[1] + 1)) for _ in range(2))
     rgb = _background(rng, height, width)
-    objects = _place_objects(rng, height, width)
+    objects = _place_objects(rng, height, width, rotation)
     for obj in objects:
         _paint(rng, rgb, obj, min(height, width))
     sigma = rng.uniform(*NOISE_SIGMA_RANGE)
@@ -148,7 +150,7 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return np.clip(canvas, 0, 255).astype(np.uint8)
 
 
-def _place_objects(rng: np.random.Generator, height: int, width: int) -> List[SceneObject]:
+def _place_objects(rng: np.random.Generator, height: int, width: int, rotation: float = 1.0) -> List[SceneObject]:
     short = min(height, width)
     count = int(rng.integers(OBJECT_COUNT_RANGE[0], OBJECT_COUNT_RANGE[1] + 1))
     # Scenes repeat shapes and colours often, so that position, relation and size expressions apply.
@@ -163,9 +165,15 @@ def _place_objects(rng: np.random.Generator, height: int, width: int) -> List[Sc
         if any(np.hypot(cx - o.cx, cy - o.cy) < radius + o.radius + GAP * short for o in objects):
             continue
         shape = str(rng.choice(shape_pool))
-        mask = _shape_mask(shape, cx, cy, radius, rng.uniform(0, 2 * np.pi), height, width)
+        angle = rng.uniform(0, 2 * np.pi)  # drawn whatever `rotation`: the same seed places the same objects
+        if rotation < 1:
+            angle = UPRIGHT_ANGLES[shape] + rotation * (angle - np.pi)
+        mask = _shape_mask(shape, cx, cy, radius, angle, height, width)
         objects.append(SceneObject(shape, str(rng.choice(colour_pool)), str(rng.choice(TEXTURES)), cx, cy, radius, mask))
     return objects
+
+
+UPRIGHT_ANGLES = {"circle": 0.0, "square": 0.0, "triangle": -np.pi / 2, "star": -np.pi / 2}  # apex up (y grows down)
 
 
 def _shape_mask(shape: str, cx: float, cy: float, radius: float, angle: float, height: int, width: int) -> np.ndarray:
