@@ -34,7 +34,7 @@ from evfsam.specs import BEIT3_IMAGE_SIZE
 from .demo_batches import ATTRIBUTES, attribute_map
 from .demo_scenes import random_scene
 from .train_demo import AuxiliaryHeads, TrainConfig, attribute_loss, demo_config, git_commit, initialise, learning_rate, \
-    machine, make_deterministic, write_demo_tokenizer
+    machine, make_deterministic, resolve_precision, write_demo_tokenizer
 
 ATTRIBUTE_NAMES = ("colour", "shape", "texture")
 
@@ -129,7 +129,7 @@ def majority_shares(labels: torch.Tensor) -> Dict[str, float]:
 
 
 def run(args: argparse.Namespace, log=print) -> dict:
-    cfg = TrainConfig(threads=args.threads, peak_lr=args.lr)
+    cfg = TrainConfig(threads=args.threads, peak_lr=args.lr, bfloat16=resolve_precision(args.precision, log))
     make_deterministic(cfg)
     probe = PatchReadout(args.patch_size, args.positions)
     source = SceneSource(probe.grid, args.rotation, args.seed)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
             if step % 2:
                 views, labels = views.flip(-1), labels.flip(-1)
         probe.train()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bfloat16):
             logits = probe(views)
             loss = attribute_loss(logits.reshape(-1, logits.shape[-1]), flat_labels(labels), classes)
         optimizer.zero_grad(set_to_none=True)
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace, log=print) -> dict:
         optimizer.step()
         if (step + 1) % args.report_every == 0 or step + 1 == args.steps:
             probe.eval()
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bfloat16):
                 validation = accuracies(probe(held_out[0]), held_out[1], classes)
             row = {"step": step + 1, "seconds": round(time.perf_counter() - started, 1), "loss": float(loss.detach()),
                    "train": accuracies(logits.detach(), labels, classes), "held_out": validation}
@@ -182,6 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--positions", choices=("learned", "sincos"), default="learned")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="auto: bfloat16 autocast where the CPU has it natively, else float32")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--report-every", type=int, default=200)
     parser.add_argument("--output", help="write the report (JSON) here too")

@@ -1,6 +1,6 @@
 """Train the small demo EVF-SAM ("ori" architecture, real layout) on generated shape scenes.
 
-    python -m export.train_demo [--output-dir assets/demo-checkpoint] [--threads 2]
+    python -m export.train_demo [--output-dir assets/demo-checkpoint] [--threads 2] [--precision auto]
 
 The model is the real one at small sizes (SAM ViT image encoder at 1024x1024, SAM prompt encoder +
 mask decoder at SAM's sizes, BEiT-3 at 224x224 + tokens, the text_hidden_fcs MLP), sized through
@@ -39,7 +39,9 @@ The demo BEiT-3 uses 32x32 patches (7x7 at 224x224; upstream's are 16): 4x cheap
 a larger share of what the [CLS] token attends to.
 
 Deterministic: fixed seeds, `torch.use_deterministic_algorithms(True)`, a fixed thread count (the
-results depend on it: oneDNN splits reductions by thread).  Writes `config.json`,
+results depend on it: oneDNN splits reductions by thread) and a fixed precision: bfloat16 autocast
+where the CPU has it natively (AVX512-BF16 or AMX; the committed checkpoint was trained so), float32
+elsewhere (`--precision auto`, said when it happens), since emulated bfloat16 is ~100x slower.  Writes `config.json`,
 `model.safetensors` (float16), the tokenizer (sentencepiece in XLM-R's layout + `[semantic]` as an
 added token, saved by transformers' slow XLMRobertaTokenizer), `training_log.csv`, `training.json`,
 `loss.png` and `TRAINING.md` (held-out scores per expression type).
@@ -103,7 +105,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 2
     held_out_scenes: int = 40
-    bfloat16: bool = True  # autocast: ~2x faster here (AVX512-BF16); the weights stay fp32
+    # bfloat16 autocast (the weights stay fp32): ~2x faster than fp32 on a CPU with AVX512-BF16 or AMX, as
+    # the committed checkpoint was trained; without them oneDNN emulates it ~100x slower (`--precision`).
+    bfloat16: bool = True
 
 
 # ------------------------------------------------------------------------------------ checkpoint
@@ -505,6 +509,24 @@ def git_commit() -> str:
         return "unknown"
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(asked: str, log=print) -> bool:
+    """--precision auto|bfloat16|float32 -> whether to train under bfloat16 autocast."""
+    if asked != "auto":
+        return asked == "bfloat16"
+    if native_bfloat16():
+        return True
+    log("this CPU has no native bfloat16 (AVX512-BF16 or AMX): training in float32, which differs from the "
+        "committed checkpoint's bfloat16 run in the last bits and so in its weights; --precision bfloat16 "
+        "reproduces that recipe but is ~100x slower on such a CPU")
+    return False
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -514,7 +536,9 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, torch {torch.__version__}"
+    capability = torch.backends.cpu.get_cpu_capability() + (" + native bfloat16" if native_bfloat16() else "")
+    return (f"{cpu} ({capability}), {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, "
+            f"torch {torch.__version__}")
 
 
 def write_report(out_dir: Path, cfg: TrainConfig, scores_fp32, scores_fp16, seconds: float, command: str) -> None:
@@ -543,7 +567,8 @@ def write_report(out_dir: Path, cfg: TrainConfig, scores_fp32, scores_fp16, seco
         f"{cfg.prompts} expressions, one scene's through the mask decoder); every step's scenes are new",
         f"- sizes: SAM image encoder {SAM_IMAGE_ENCODER}; BEiT-3 {BEIT3}; prompt encoder and mask decoder at SAM's sizes",
         f"- optimiser: AdamW (peak lr {cfg.peak_lr}, weight decay {cfg.weight_decay}, {cfg.warmup_steps} warm-up steps, "
-        f"cosine to {cfg.final_lr_fraction} x peak, gradient norm clipped at {cfg.grad_clip}), bfloat16 autocast",
+        f"cosine to {cfg.final_lr_fraction} x peak, gradient norm clipped at {cfg.grad_clip}), "
+        f"{'bfloat16 autocast' if cfg.bfloat16 else 'float32'}",
         "- curves: `training_log.csv` (one row per step), `loss.png`; everything above: `training.json`",
         "",
         f"## Held-out scores ({cfg.held_out_scenes} generated scenes never trained on, JPEG, one expression per type per scene)",
@@ -584,8 +609,11 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, TrainConfig]:
     for field in fields(TrainConfig):
         if field.name in tunable:
             parser.add_argument("--" + field.name.replace("_", "-"), type=int, default=field.default)
+    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="auto: bfloat16 autocast where the CPU has it natively, else float32")
     args = parser.parse_args(argv)
-    return args, replace(TrainConfig(), **{name: getattr(args, name) for name in tunable})
+    return args, replace(TrainConfig(), bfloat16=resolve_precision(args.precision),
+                         **{name: getattr(args, name) for name in tunable})
 
 
 def main(argv=None) -> int:

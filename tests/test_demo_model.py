@@ -73,7 +73,20 @@ def test_demo_dataset_is_deterministic_and_reads_as_refcoco(tmp_path):
     assert {job.expression.text.split()[0] for job in relation.jobs()} == {SEMANTIC_TOKEN}
 
 
-def test_training_is_deterministic(tmp_path):
+def _native_bfloat16() -> bool:
+    from export.train_demo import native_bfloat16
+
+    return native_bfloat16()
+
+
+EMULATED_BFLOAT16 = pytest.mark.skipif(
+    not _native_bfloat16(), reason="no native bfloat16 on this CPU: `--precision auto` trains in float32 here, and "
+                                   "these 3 steps under emulated bfloat16 take ~3 min")
+
+
+@pytest.mark.parametrize("bfloat16", [pytest.param(True, marks=EMULATED_BFLOAT16), False],
+                         ids=["bfloat16-autocast", "float32"])
+def test_training_is_deterministic(tmp_path, bfloat16):
     """Two runs of the first steps (one per stage) from the same seed agree bit for bit."""
     import torch
 
@@ -81,7 +94,8 @@ def test_training_is_deterministic(tmp_path):
     from export.demo_batches import Tokenize
     from export.train_demo import TrainConfig, demo_config, initialise, make_deterministic, train, write_demo_tokenizer
 
-    cfg = TrainConfig(decoder_steps=1, grounding_steps=1, steps=1, prompts=2, grounding_scenes=1, scenes=1)
+    cfg = TrainConfig(decoder_steps=1, grounding_steps=1, steps=1, prompts=2, grounding_scenes=1, scenes=1,
+                      bfloat16=bfloat16)
     tokenizer = write_demo_tokenizer(tmp_path / "tokenizer")
     runs = []
     previous = torch.get_num_threads()
@@ -97,6 +111,18 @@ def test_training_is_deterministic(tmp_path):
         torch.set_num_threads(previous)
     assert [row["stage"] for row in runs[0]] == ["decoder", "grounding", "end-to-end"]
     assert runs[0] == runs[1]
+
+
+def test_precision_auto_follows_the_cpu_and_says_when_it_falls_back():
+    """Emulated bfloat16 is ~100x slower than float32: `auto` takes it only where the CPU has it natively."""
+    from export.train_demo import native_bfloat16, parse_args, resolve_precision
+
+    said = []
+    assert resolve_precision("bfloat16", said.append) is True
+    assert resolve_precision("float32", said.append) is False and not said
+    assert resolve_precision("auto", said.append) is native_bfloat16()
+    assert bool(said) is not native_bfloat16()
+    assert parse_args(["--precision", "float32"])[1].bfloat16 is False
 
 
 def test_committed_demo_sample_is_the_generated_one():
