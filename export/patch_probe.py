@@ -33,8 +33,8 @@ from evfsam.specs import BEIT3_IMAGE_SIZE
 
 from .demo_batches import ATTRIBUTES, attribute_map
 from .demo_scenes import random_scene
-from .train_demo import AuxiliaryHeads, TrainConfig, attribute_loss, demo_config, git_commit, initialise, learning_rate, \
-    machine, make_deterministic, resolve_precision, write_demo_tokenizer
+from .train_demo import AuxiliaryHeads, TrainConfig, add_precision_argument, attribute_loss, demo_config, git_commit, \
+    initialise, learning_rate, machine, make_deterministic, resolve_precision, write_demo_tokenizer
 
 ATTRIBUTE_NAMES = ("colour", "shape", "texture")
 
@@ -182,8 +182,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--positions", choices=("learned", "sincos"), default="learned")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
-                        help="auto: bfloat16 autocast where the CPU has it natively, else float32")
+    add_precision_argument(parser)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--report-every", type=int, default=200)
     parser.add_argument("--output", help="write the report (JSON) here too")

@@ -41,7 +41,7 @@ a larger share of what the [CLS] token attends to.
 Deterministic: fixed seeds, `torch.use_deterministic_algorithms(True)`, a fixed thread count (the
 results depend on it: oneDNN splits reductions by thread) and a fixed precision: bfloat16 autocast
 where the CPU has it natively (AVX512-BF16 or AMX; the committed checkpoint was trained so), float32
-elsewhere (`--precision auto`, said when it happens), since emulated bfloat16 is ~100x slower.  Writes `config.json`,
+elsewhere (`--precision auto`, said when it happens), since emulated bfloat16 is several times slower.  Writes `config.json`,
 `model.safetensors` (float16), the tokenizer (sentencepiece in XLM-R's layout + `[semantic]` as an
 added token, saved by transformers' slow XLMRobertaTokenizer), `training_log.csv`, `training.json`,
 `loss.png` and `TRAINING.md` (held-out scores per expression type).
@@ -106,7 +106,8 @@ class TrainConfig:
     threads: int = 2
     held_out_scenes: int = 40
     # bfloat16 autocast (the weights stay fp32): ~2x faster than fp32 on a CPU with AVX512-BF16 or AMX, as
-    # the committed checkpoint was trained; without them oneDNN emulates it ~100x slower (`--precision`).
+    # the committed checkpoint was trained; without them oneDNN emulates it (matmuls ~180x, training steps
+    # 6-12x slower than fp32 on an AVX2-only EPYC; `--precision`).
     bfloat16: bool = True
 
 
@@ -523,8 +524,13 @@ def resolve_precision(asked: str, log=print) -> bool:
         return True
     log("this CPU has no native bfloat16 (AVX512-BF16 or AMX): training in float32, which differs from the "
         "committed checkpoint's bfloat16 run in the last bits and so in its weights; --precision bfloat16 "
-        "reproduces that recipe but is ~100x slower on such a CPU")
+        "reproduces that recipe but is several times slower on such a CPU")
     return False
+
+
+def add_precision_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="auto: bfloat16 autocast where the CPU has it natively, else float32")
 
 
 def machine() -> str:
@@ -609,8 +615,7 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, TrainConfig]:
     for field in fields(TrainConfig):
         if field.name in tunable:
             parser.add_argument("--" + field.name.replace("_", "-"), type=int, default=field.default)
-    parser.add_argument("--precision", choices=("auto", "bfloat16", "float32"), default="auto",
-                        help="auto: bfloat16 autocast where the CPU has it natively, else float32")
+    add_precision_argument(parser)
     args = parser.parse_args(argv)
     return args, replace(TrainConfig(), bfloat16=resolve_precision(args.precision),
                          **{name: getattr(args, name) for name in tunable})

@@ -114,7 +114,7 @@ def test_training_is_deterministic(tmp_path, bfloat16):
 
 
 def test_precision_auto_follows_the_cpu_and_says_when_it_falls_back():
-    """Emulated bfloat16 is ~100x slower than float32: `auto` takes it only where the CPU has it natively."""
+    """Emulated bfloat16 is several times slower than float32: `auto` takes it only where the CPU has it natively."""
     from export.train_demo import native_bfloat16, parse_args, resolve_precision
 
     said = []
